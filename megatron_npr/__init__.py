@@ -1,0 +1,3 @@
+"""megatron-npr: a Megatron-Core trainer for Native Parallel Reasoner models."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,72 @@
+"""The `npr` command."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+EXAMPLE_TRAJECTORY = Path(__file__).resolve().parent.parent / "examples" / "trajectory_math.txt"
+
+
+def _fail(message: str, code: int = 1) -> int:
+    print(f"npr: {message}", file=sys.stderr)
+    return code
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .data.tokenizer import load_tokenizer
+    from .report import analyse, describe, draw_mask, tokenize_trajectory
+    from .topology import TopologyError
+
+    path = Path(args.text_file) if args.text_file else EXAMPLE_TRAJECTORY
+    if not args.text_file and not path.is_file():
+        return _fail(f"the bundled example {path} is missing (installed without the examples/ "
+                     "folder?); pass --text-file", 2)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        return _fail(f"cannot read {path}: {e}", 2)
+    try:
+        tokenizer, tags = load_tokenizer(args.tokenizer)
+    except (OSError, ValueError) as e:
+        return _fail(str(e), 2)
+    token_ids, response_start = tokenize_trajectory(text, tokenizer)
+    try:
+        traj = analyse(token_ids, response_start, tags, args.max_depth)
+    except TopologyError as e:
+        lo, hi = max(response_start, e.index - 8), min(len(token_ids), e.index + 8)
+        context = tokenizer.decode(token_ids[lo:e.index]) + " >>>" + tokenizer.decode(token_ids[e.index:hi])
+        return _fail(f"{path}: invalid NPR structure: {e.reason} at token {e.index}"
+                     f"{': ' + e.message if e.message else ''}\n  near: {context!r}")
+    except ValueError as e:  # bad arguments such as --max-depth 0
+        return _fail(str(e), 2)
+    print(f"file: {path}")
+    print(describe(traj))
+    if args.png:
+        try:
+            print(f"mask: {draw_mask(traj, args.png)}")
+        except OSError as e:
+            return _fail(f"cannot write {args.png}: {e}", 2)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="npr", description="Native Parallel Reasoner training on Megatron-Core")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("inspect", help="parse one trajectory, print its structure, draw its mask")
+    p.add_argument("--text-file", help="chat text (prompt up to '<|im_start|>assistant\\n', then the response) "
+                                        "or a bare response; default: the bundled example")
+    p.add_argument("--tokenizer", help="HF tokenizer folder (default: the bundled Qwen3 tokenizer)")
+    p.add_argument("--png", help="write the attention mask picture here")
+    p.add_argument("--max-depth", type=int, default=1, help="deepest nesting of blocks allowed (default 1)")
+    p.set_defaults(func=cmd_inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

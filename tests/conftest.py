@@ -1,0 +1,15 @@
+import os
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+# Timing on shared 2-core machines is noisy: no per-example deadlines.
+settings.register_profile("default", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+
+@pytest.fixture(scope="session")
+def qwen():
+    """The real Qwen3 tokenizer with the NPR tags: (tokenizer, TagIds)."""
+    from megatron_npr.data.tokenizer import load_tokenizer
+    return load_tokenizer()
