@@ -12,7 +12,7 @@ setup(
         "transformers>=4.51,<6",
         "tokenizers",
         "safetensors",
-        "math-verify[antlr4_13_2]>=0.9,<0.10",
+        "math-verify[antlr4-13-2]>=0.9,<0.10",
         "pyyaml",
         "tqdm",
         "psutil",  # megatron dist_checkpointing needs it but does not declare it
