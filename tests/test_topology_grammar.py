@@ -22,6 +22,8 @@ MALFORMED = [
     ("G P a p P a p g S a s _ S a s K a k", "text_between_branches", 11, 1),
     ("G P a p g S a s _ K a k", "text_between_branches", 8, 1),
     ("G P a p g S a s a", "missing_takeaway", 8, 1),
+    ("G P a p P a p g S a s a", "missing_takeaway", 11, 1),
+    ("G P a p P a p g S a s", "unclosed_block", 0, 1),
     ("G P a p g S a s G P a p g S a s K a k", "missing_takeaway", 8, 1),
     ("G P a p g S a", "unclosed_block", 5, 1),
     ("G P a p g S a s", "unclosed_block", 0, 1),

@@ -181,8 +181,6 @@ class _Parser:
             if j > i and j < n and k[j] in (Kind.STEP_O, Kind.TAKE_O):
                 self.defect("text_between_branches", i, f"{j - i} token(s) after </step>")
                 i = j
-        if plans and branches and len(branches) < len(plans):
-            self.defect("steps_plans_mismatch", min(i, n - 1), f"{len(branches)} branch(es) for {len(plans)} plans")
         if i >= n:
             self.defect("unclosed_block", start, "sequence ends before the block's <takeaway>")
             return partial(n, branches)
@@ -190,6 +188,8 @@ class _Parser:
             if branches:
                 self.defect("missing_takeaway", i, f"expected <takeaway> after </step>, found {_name(k[i])}")
             return partial(i, branches)
+        if plans and branches and len(branches) < len(plans):  # known only once <takeaway> comes
+            self.defect("steps_plans_mismatch", i, f"{len(branches)} branch(es) for {len(plans)} plans")
         end = self.text_span(i, Kind.TAKE_C, (Kind.GUIDE_O,), "empty_takeaway")
         return partial(end, branches, (i, end))
 
