@@ -8,6 +8,10 @@ settings.register_profile("default", deadline=None, suppress_health_check=[Healt
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "multirank: launches torchrun with several CPU ranks (slow; few)")
+
+
 @pytest.fixture(scope="session")
 def qwen():
     """The real Qwen3 tokenizer with the NPR tags: (tokenizer, TagIds)."""

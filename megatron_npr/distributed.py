@@ -1,0 +1,120 @@
+"""Process groups for Megatron-Core, and the shim that lets it run on CPU (gloo).
+
+Megatron-Core 0.16 hard-codes CUDA in many places: buffers allocated on
+`torch.cuda.current_device()`, literal `device="cuda"` in schedules and optimizers, the CUDA RNG
+API in its tensor-parallel RNG tracker. `install_cpu_shim()` redirects those to the CPU. It does
+nothing when CUDA is available, so the same code and tests run unchanged on GPUs.
+"""
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+
+_SHIM_ACTIVE = False
+_DEVICE_MODE = None
+
+
+class _CudaDevicesToCpu(torch.overrides.TorchFunctionMode):
+    """Maps `device="cuda"`, `.to("cuda")` and `.cuda()` to the CPU; reports CPU tensors as
+    `torch.cuda.*Tensor` to the optimizer's type assertions."""
+
+    @staticmethod
+    def _cpu(device):
+        if isinstance(device, int) or (isinstance(device, str) and device.startswith("cuda")):
+            return "cpu"
+        if isinstance(device, torch.device) and device.type == "cuda":
+            return torch.device("cpu")
+        return device
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            return name if ".cuda." in name else name.replace("torch.", "torch.cuda.", 1)
+        if "device" in kwargs:
+            kwargs["device"] = self._cpu(kwargs["device"])
+        if func is torch.Tensor.to and len(args) > 1 and isinstance(args[1], (str, torch.device, int)):
+            args = (args[0], self._cpu(args[1]), *args[2:])
+        return func(*args, **kwargs)
+
+
+def install_cpu_shim() -> bool:
+    """Make Megatron-Core usable on a CPU-only torch (idempotent). Returns True if active."""
+    global _SHIM_ACTIVE
+    if torch.cuda.is_available():
+        return False
+    if _SHIM_ACTIVE:
+        push_cpu_device_mode()
+        return True
+    from megatron.core.tensor_parallel import random as mp_random
+
+    torch.cuda.current_device = lambda: "cpu"
+    # torch.manual_seed calls torch.cuda.manual_seed_all, so only the narrower hooks are patched
+    torch.cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
+    torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
+    torch.cuda.set_rng_state = lambda state, device="cuda": torch.set_rng_state(state)
+    torch.cuda.synchronize = lambda device=None: None
+    mp_random._get_cuda_rng_state = lambda device="cuda", clone=False, graph_safe=False: torch.get_rng_state()
+    mp_random._set_cuda_rng_state = lambda state, device=-1, graph_safe=False: torch.set_rng_state(state)
+    _SHIM_ACTIVE = True
+    push_cpu_device_mode()
+    return True
+
+
+def push_cpu_device_mode() -> None:
+    """Map literal CUDA devices to the CPU on this thread until `pop_cpu_device_mode`."""
+    global _DEVICE_MODE
+    if _SHIM_ACTIVE and _DEVICE_MODE is None:
+        _DEVICE_MODE = _CudaDevicesToCpu()
+        _DEVICE_MODE.__enter__()
+
+
+def pop_cpu_device_mode() -> None:
+    """Undo `push_cpu_device_mode` (e.g. after in-process tests, so later code runs at full speed)."""
+    global _DEVICE_MODE
+    if _DEVICE_MODE is not None:
+        _DEVICE_MODE.__exit__(None, None, None)
+        _DEVICE_MODE = None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234) -> None:
+    """torch.distributed (NCCL with GPUs, else gloo) plus Megatron's TP/PP/DP groups. Works under
+    torchrun/srun (env vars set) and in a plain single process (world of one)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
+
+    install_cpu_shim()
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:
+            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
+                              RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend)
+    world = dist.get_world_size()
+    if world % (tp * pp):
+        raise ValueError(f"world size {world} is not a multiple of tp*pp = {tp}*{pp}")
+    ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def destroy_distributed() -> None:
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    ps.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,89 @@
+"""Core attention for NPR layouts, plugged into Megatron's layer spec.
+
+Megatron hands the module q [sq, b, heads, d] and k/v [sk, b, groups, d] with RoPE and
+qk-norm applied, plus the `attention_mask` object given to `GPTModel.forward` unchanged. What
+that object is depends on the backend; `attention_inputs` builds it from the batch:
+
+- `sdpa`: dense bool mask [b, 1, s, s], True = masked (Megatron's convention). The CPU reference,
+  differentiable, O(s^2) memory.
+- `flex`: FlexAttention block masks (the fused GPU path; comes with kernels/).
+- `te`: Transformer Engine with an arbitrary mask (an unfused baseline; needs TE and CUDA).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.module import MegatronModule
+
+from .config import ATTENTION_BACKENDS
+
+
+class NPRCoreAttention(MegatronModule):
+    def __init__(self, config, layer_number, attn_mask_type, attention_type, attention_dropout=None,
+                 softmax_scale=None, cp_comm_type=None, pg_collection=None, *, backend: str = "sdpa"):
+        super().__init__(config=config)
+        require_backend(backend)
+        if config.context_parallel_size > 1:
+            raise NotImplementedError("context parallelism is not supported by the NPR attention")
+        self.backend = backend
+        self.scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(config.kv_channels)
+        if backend == "te":
+            self.te = _te_attention(config, layer_number, attention_type, softmax_scale)
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None):
+        if attention_bias is not None or packed_seq_params is not None:
+            raise NotImplementedError("NPR attention takes its layout from attention_mask only")
+        if self.backend == "te":
+            return self.te(query, key, value, attention_mask)
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, d]
+        if attention_mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale,
+                                                 enable_gqa=q.shape[1] != k.shape[1])
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=~attention_mask, scale=self.scale,
+                                                 enable_gqa=q.shape[1] != k.shape[1])
+        b, h, s, d = out.shape
+        return out.permute(2, 0, 1, 3).reshape(s, b, h * d)
+
+
+def require_backend(backend: str) -> None:
+    """Fail before any model is built when a backend cannot run here."""
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention backend {backend!r}; choose one of {ATTENTION_BACKENDS}")
+    if backend == "flex":
+        raise NotImplementedError("the 'flex' attention backend is provided by kernels/ (not installed in "
+                                  "this version); use 'sdpa'")
+    if backend == "te":
+        try:
+            import transformer_engine  # noqa: F401
+        except Exception as e:  # transformer-engine raises RuntimeError without CUDA
+            raise RuntimeError(f"the 'te' attention backend needs transformer-engine and CUDA: {e}") from e
+        if not torch.cuda.is_available():
+            raise RuntimeError("the 'te' attention backend needs transformer-engine and CUDA: no GPU")
+
+
+def _te_attention(config, layer_number, attention_type, softmax_scale):
+    from megatron.core.extensions.transformer_engine import TEDotProductAttention
+    from megatron.core.transformer.enums import AttnMaskType
+    return TEDotProductAttention(config, layer_number, AttnMaskType.arbitrary, attention_type,
+                                 softmax_scale=softmax_scale)
+
+
+def attention_inputs(batch, backend: str):
+    """The `attention_mask` object GPTModel.forward passes to every layer for this batch."""
+    if backend in ("sdpa", "te"):
+        return ~batch.dense_mask().unsqueeze(1)  # [b, 1, s, s], True = masked
+    raise NotImplementedError(f"attention backend {backend!r} is not available in this version")
+
+
+def core_attention_spec(backend: str):
+    """What goes into `SelfAttentionSubmodules.core_attention`: Megatron calls it like a class."""
+    def build(*args, **kwargs):
+        return NPRCoreAttention(*args, backend=backend, **kwargs)
+    return build
+
+
+__all__ = ["NPRCoreAttention", "attention_inputs", "core_attention_spec"]

@@ -1,0 +1,113 @@
+"""Qwen3 on Megatron-Core with NPR layouts, in one process (TP=PP=1), against HF transformers."""
+import pytest
+import torch
+
+from megatron_npr.checkpoint import hf_to_mcore
+from megatron_npr.checkpoint.megatron_io import load_hf_into_model
+from megatron_npr.models import (ModelConfigError, build_model, forward_logits, token_logprobs,
+                                 transformer_config_from_hf)
+from model_fixtures import hf_reference_logits, npr_batch, tiny_hf_model
+
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def megatron():
+    from megatron_npr.distributed import destroy_distributed, init_distributed, pop_cpu_device_mode
+    init_distributed(1, 1)
+    yield
+    destroy_distributed()
+    pop_cpu_device_mode()  # later test modules run without the CPU shim's torch-function hook
+
+
+def _megatron_from_hf(hf, **kw):
+    cfg = hf.config.to_dict()
+    model = build_model(transformer_config_from_hf(cfg, dtype=torch.float32, **kw))
+    load_hf_into_model(model, hf.state_dict(), cfg)
+    return model
+
+
+def test_config_from_hf_maps_every_field():
+    cfg = transformer_config_from_hf(tiny_hf_model(tied=True).config, tp=2, pp=2, dtype=torch.float32)
+    assert (cfg.num_layers, cfg.hidden_size, cfg.ffn_hidden_size) == (4, 64, 128)
+    assert (cfg.num_attention_heads, cfg.num_query_groups, cfg.kv_channels) == (4, 2, 16)
+    assert cfg.tie_word_embeddings and cfg.vocab_size == 256 and cfg.rotary_base == 1e6
+    assert cfg.qk_layernorm and cfg.gated_linear_unit and cfg.normalization == "RMSNorm"
+    assert cfg.mrope_section == [8, 0, 0] and cfg.params_dtype == torch.float32
+
+
+@pytest.mark.parametrize("change,kw,message", [
+    ({"model_type": "llama"}, {}, "model_type 'llama'"),
+    ({}, {"tp": 4}, "tp=4 does not divide num_key_value_heads=2"),
+    ({}, {"pp": 3}, "pp=3 does not divide num_hidden_layers=4"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}, "rope_parameters": None}, {}, "rope scaling 'yarn'"),
+    ({"hidden_size": 0}, {}, "hidden_size must be a positive integer"),
+    ({}, {"attention_backend": "magic"}, "attention backend 'magic'"),
+])
+def test_config_rejects_what_it_cannot_build(change, kw, message):
+    cfg = {**tiny_hf_model().config.to_dict(), **change}
+    with pytest.raises(ModelConfigError) as err:
+        transformer_config_from_hf(cfg, **kw)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_logits_and_logprobs_match_hf_on_npr_batches(megatron, tied):
+    hf = tiny_hf_model(tied=tied)
+    model = _megatron_from_hf(hf).eval()
+    batch = npr_batch()
+    ref = hf_reference_logits(hf, batch)
+    with torch.no_grad():
+        assert (forward_logits(model, batch) - ref).abs().max() <= TOL
+        logprobs = token_logprobs(model, batch)
+    targets, valid = batch.targets()
+    ref_lp = torch.log_softmax(ref.double(), -1).gather(-1, targets[..., None])[..., 0]
+    assert valid.sum() > 50
+    assert ((logprobs - ref_lp).abs() * valid).max() <= TOL
+
+
+def test_negative_controls_wrong_positions_and_wrong_qkv_layout(megatron):
+    hf = tiny_hf_model()
+    batch = npr_batch()
+    ref = hf_reference_logits(hf, batch)
+    model = _megatron_from_hf(hf).eval()
+    plain = batch.position_ids.clone()
+    batch.position_ids = torch.arange(batch.tokens.shape[1]).expand_as(plain).clone()
+    with torch.no_grad():
+        assert (forward_logits(model, batch) - ref).abs().max() > 100 * TOL
+    batch.position_ids = plain
+    state = hf_to_mcore(hf.state_dict(), hf.config)
+    for i in range(hf.config.num_hidden_layers):  # [q; k; v] stacked instead of grouped per KV head
+        h = f"model.layers.{i}.self_attn."
+        state[f"decoder.layers.{i}.self_attention.linear_qkv.weight"] = torch.cat(
+            [hf.state_dict()[h + n] for n in ("q_proj.weight", "k_proj.weight", "v_proj.weight")])
+    missing, _ = model.load_state_dict(state, strict=False)
+    with torch.no_grad():
+        assert (forward_logits(model, batch) - ref).abs().max() > 100 * TOL
+
+
+def test_gradients_match_hf(megatron):
+    hf = tiny_hf_model().train()
+    model = _megatron_from_hf(hf).train()
+    batch = npr_batch()
+    targets, valid = batch.targets()
+    loss = -(token_logprobs(model, batch) * valid).sum() / valid.sum()
+    loss.backward()
+    mask = batch.dense_mask()[:, None]
+    logits = hf(input_ids=batch.tokens, attention_mask=torch.where(mask, 0.0, torch.finfo(torch.float32).min),
+                position_ids=batch.position_ids).logits
+    ref_loss = -(torch.log_softmax(logits, -1).gather(-1, targets[..., None])[..., 0] * valid).sum() / valid.sum()
+    ref_loss.backward()
+    assert abs(loss.item() - ref_loss.item()) <= TOL
+    ref_grads = hf_to_mcore({n: p.grad for n, p in hf.named_parameters()}, hf.config)
+    worst = max((p.grad - ref_grads[n]).abs().max().item() for n, p in model.named_parameters())
+    assert worst <= TOL
+
+
+def test_unavailable_backends_fail_clearly(megatron):
+    cfg = transformer_config_from_hf(tiny_hf_model().config, dtype=torch.float32)
+    with pytest.raises(NotImplementedError, match="'flex' attention backend"):
+        build_model(cfg, attention_backend="flex")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="transformer-engine"):
+            build_model(cfg, attention_backend="te")
