@@ -9,12 +9,12 @@ from npr_reference import TAG_BASE, TAGS, dsl
 VOCAB = 256
 
 
-def tiny_hf_model(tied: bool = False, layers: int = 4, seed: int = 0):
+def tiny_hf_model(tied: bool = False, layers: int = 4, seed: int = 0, vocab: int = VOCAB):
     """A random Qwen3ForCausalLM; norms are perturbed so a mapping mistake shows up."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     torch.manual_seed(seed)
-    cfg = Qwen3Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+    cfg = Qwen3Config(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6,
                       rope_parameters={"rope_theta": 1e6, "rope_type": "default"},
                       tie_word_embeddings=tied, max_position_embeddings=512, attn_implementation="eager")
