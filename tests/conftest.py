@@ -10,6 +10,7 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "multirank: launches torchrun with several CPU ranks (slow; few)")
+    config.addinivalue_line("markers", "gpu: needs CUDA; skipped elsewhere")
 
 
 @pytest.fixture(scope="session")
