@@ -1,0 +1,218 @@
+"""Pure-torch Qwen3 dense forward over a slot-addressed KV cache (the rollout engine's compute core).
+
+Every token of every live sequence owns one KV slot. Callers say explicitly which slots each query
+may attend to and at which position each token sits, so one call can decode NPR branches (shared
+prefix + own slots, no siblings) and joins (prefix + all branches) without a per-layout kernel.
+Numerics follow HF transformers' Qwen3 (RMSNorm in float32, rotate_half RoPE, GQA, SwiGLU).
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Iterable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# Gathered K plus V for one query chunk stays under this many elements (bounds peak memory).
+GATHER_BUDGET = 64 * 1024 * 1024
+
+EMBED, FINAL_NORM, LM_HEAD = "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"
+LAYER_PREFIX = "model.layers.{}."
+
+
+@dataclass(frozen=True)
+class Qwen3Spec:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    tie_word_embeddings: bool
+
+    def __post_init__(self):
+        if self.num_kv_heads <= 0 or self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict) -> "Qwen3Spec":
+        """From an HF Qwen3 config.json dict (transformers 4 or 5 layout)."""
+        rope = cfg.get("rope_parameters") or {}
+        theta = rope.get("rope_theta", cfg.get("rope_theta"))
+        if theta is None:
+            raise ValueError("config has neither rope_parameters.rope_theta nor rope_theta")
+        # Only plain RoPE and full attention are implemented; anything else would silently differ.
+        rope_type = rope.get("rope_type") or (cfg.get("rope_scaling") or {}).get("rope_type", "default")
+        if rope_type != "default":
+            raise ValueError(f"rope_type={rope_type!r} is not supported (only 'default')")
+        if cfg.get("attention_bias") or cfg.get("use_sliding_window"):
+            raise ValueError("attention_bias / use_sliding_window are not supported for Qwen3 dense")
+        hidden, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
+        return cls(vocab_size=int(cfg["vocab_size"]), hidden_size=hidden,
+                   intermediate_size=int(cfg["intermediate_size"]), num_layers=int(cfg["num_hidden_layers"]),
+                   num_heads=heads, num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+                   head_dim=int(cfg.get("head_dim") or hidden // heads),
+                   rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), rope_theta=float(theta),
+                   tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)))
+
+
+def expected_shapes(spec: Qwen3Spec) -> dict[str, tuple[int, ...]]:
+    """Every HF tensor name the forward needs, with its shape."""
+    h, d, inter = spec.hidden_size, spec.head_dim, spec.intermediate_size
+    per_layer = {
+        "input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,),
+        "self_attn.q_proj.weight": (spec.num_heads * d, h), "self_attn.k_proj.weight": (spec.num_kv_heads * d, h),
+        "self_attn.v_proj.weight": (spec.num_kv_heads * d, h), "self_attn.o_proj.weight": (h, spec.num_heads * d),
+        "self_attn.q_norm.weight": (d,), "self_attn.k_norm.weight": (d,),
+        "mlp.gate_proj.weight": (inter, h), "mlp.up_proj.weight": (inter, h), "mlp.down_proj.weight": (h, inter),
+    }
+    shapes = {EMBED: (spec.vocab_size, h), FINAL_NORM: (h,)}
+    for i in range(spec.num_layers):
+        shapes.update({LAYER_PREFIX.format(i) + name: shape for name, shape in per_layer.items()})
+    if not spec.tie_word_embeddings:
+        shapes[LM_HEAD] = (spec.vocab_size, h)
+    return shapes
+
+
+class Qwen3Weights:
+    """HF-named tensors (model.embed_tokens.weight, model.layers.{i}.self_attn.q_proj.weight, ...,
+    lm_head.weight when untied), owned copies in one dtype on one device."""
+
+    def __init__(self, spec: Qwen3Spec, tensors: Mapping[str, Tensor], dtype=torch.float32, device="cpu"):
+        self.spec, self.dtype, self.device = spec, dtype, torch.device(device)
+        self.shapes = expected_shapes(spec)
+        self.tensors: dict[str, Tensor] = {}
+        for name, shape in self.shapes.items():  # extra names (e.g. a tied lm_head copy) are ignored
+            if name not in tensors:
+                raise ValueError(f"missing tensor {name!r} (expected shape {shape})")
+            src = tensors[name]
+            if tuple(src.shape) != shape:
+                raise ValueError(f"tensor {name!r} has shape {tuple(src.shape)}, expected {shape}")
+            self.tensors[name] = src.detach().to(device=self.device, dtype=dtype, copy=True)
+        # Per-layer views by short name; update() copies in place, so these stay current.
+        self.layers = [{name[len(LAYER_PREFIX.format(i)):]: t for name, t in self.tensors.items()
+                        if name.startswith(LAYER_PREFIX.format(i))} for i in range(spec.num_layers)]
+        self.lm_head = self.tensors[EMBED if spec.tie_word_embeddings else LM_HEAD]
+
+    @classmethod
+    def from_hf(cls, hf_dir: str | os.PathLike, dtype=torch.float32, device="cpu") -> "Qwen3Weights":
+        from megatron_npr.checkpoint import open_hf_weights, read_hf_config
+        spec = Qwen3Spec.from_hf_config(read_hf_config(hf_dir))
+        with open_hf_weights(hf_dir) as lazy:  # loads one tensor at a time
+            return cls(spec, lazy, dtype=dtype, device=device)
+
+    def update(self, named_tensors: Iterable[tuple[str, Tensor]]) -> int:
+        """Copy HF-named tensors in place (the trainer's weight sync); returns how many were copied.
+        With tied embeddings `lm_head.weight` is accepted as the embedding (HF state dicts list both)."""
+        count = 0
+        for name, src in named_tensors:
+            if name == LM_HEAD and self.spec.tie_word_embeddings:
+                name = EMBED
+            if name not in self.shapes:
+                raise ValueError(f"unknown tensor {name!r} for this Qwen3 model")
+            if tuple(src.shape) != self.shapes[name]:
+                raise ValueError(f"tensor {name!r} has shape {tuple(src.shape)}, expected {self.shapes[name]}")
+            with torch.no_grad():
+                self.tensors[name].copy_(src.detach())
+            count += 1
+        return count
+
+
+class KVCache:
+    """k, v: [num_layers, num_slots, num_kv_heads, head_dim]; the scheduler owns slot allocation."""
+
+    def __init__(self, spec: Qwen3Spec, num_slots: int, dtype=torch.float32, device="cpu"):
+        shape = (spec.num_layers, num_slots, spec.num_kv_heads, spec.head_dim)
+        self.spec, self.num_slots = spec, num_slots
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """HF Qwen3RMSNorm: normalise in float32, cast back, then scale."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+def rope_cos_sin(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
+    """cos, sin [n, head_dim] in float32, frequencies duplicated for the rotate_half layout."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64,
+                                             device=positions.device).float() / head_dim))
+    freqs = positions.float()[:, None] * inv_freq[None, :]
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x [n, heads, d]; cos/sin [n, 1, d] already in x's dtype."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+def forward(weights: Qwen3Weights, cache: KVCache, tokens: Tensor, positions: Tensor, write_slots: Tensor,
+            visible: Tensor, visible_len: Tensor) -> Tensor:
+    """tokens/positions/write_slots: [n] int64; visible: [n, V] int64 slot indices (row i's first
+    visible_len[i] entries are valid, the rest padding, any value); returns logits [n, vocab] float32.
+
+    Per layer, k/v of all n queries are written at write_slots before any query attends, so a
+    query sees tokens of its own call (including itself) through their slots. Every row must
+    list at least one slot (normally its own); out-of-range valid entries are the caller's bug."""
+    spec, dev, dtype = weights.spec, weights.device, weights.dtype
+    n = tokens.shape[0]
+    if positions.shape != (n,) or write_slots.shape != (n,) or visible.dim() != 2 or \
+            visible.shape[0] != n or visible_len.shape != (n,):
+        raise ValueError(f"shape mismatch: tokens {tuple(tokens.shape)}, positions {tuple(positions.shape)}, "
+                         f"write_slots {tuple(write_slots.shape)}, visible {tuple(visible.shape)}, "
+                         f"visible_len {tuple(visible_len.shape)}")
+    tokens, positions, write_slots = (t.to(dev, torch.long) for t in (tokens, positions, write_slots))
+    visible, visible_len = visible.to(dev, torch.long), visible_len.to(dev, torch.long)
+    num_visible = visible.shape[1]
+    hq, hkv, d = spec.num_heads, spec.num_kv_heads, spec.head_dim
+
+    with torch.no_grad():  # not inference_mode: logits and cache stay usable by ordinary code
+        valid = torch.arange(num_visible, device=dev)[None, :] < visible_len[:, None]  # [n, V]
+        visible = torch.where(valid, visible, 0)  # padding may hold any value; make it a safe index
+        attn_mask = valid[:, None, None, :]  # [n, 1, 1, V]: broadcast over heads and the single query
+        cos, sin = (t.to(dtype)[:, None, :] for t in rope_cos_sin(positions, d, spec.rope_theta))
+        chunk = max(1, GATHER_BUDGET // (2 * max(num_visible, 1) * hkv * d))
+        scale = 1.0 / math.sqrt(d)
+
+        x = weights.tensors[EMBED][tokens]  # [n, hidden]
+        for li, layer in enumerate(weights.layers):
+            h = rms_norm(x, layer["input_layernorm.weight"], spec.rms_norm_eps)
+            q = (h @ layer["self_attn.q_proj.weight"].T).view(n, hq, d)
+            k = (h @ layer["self_attn.k_proj.weight"].T).view(n, hkv, d)
+            v = (h @ layer["self_attn.v_proj.weight"].T).view(n, hkv, d)
+            q = apply_rope(rms_norm(q, layer["self_attn.q_norm.weight"], spec.rms_norm_eps), cos, sin)
+            k = apply_rope(rms_norm(k, layer["self_attn.k_norm.weight"], spec.rms_norm_eps), cos, sin)
+            cache.k[li, write_slots] = k.to(cache.k.dtype)
+            cache.v[li, write_slots] = v.to(cache.v.dtype)
+
+            attn = torch.empty(n, hq, d, dtype=dtype, device=dev)
+            for start in range(0, n, chunk):
+                end = min(start + chunk, n)
+                slots = visible[start:end]  # [c, V]
+                keys = cache.k[li][slots].transpose(1, 2).to(dtype)  # [c, hkv, V, d]
+                values = cache.v[li][slots].transpose(1, 2).to(dtype)
+                out = F.scaled_dot_product_attention(q[start:end, :, None, :], keys, values,
+                                                     attn_mask=attn_mask[start:end], scale=scale,
+                                                     enable_gqa=True)  # [c, hq, 1, d]
+                attn[start:end] = out[:, :, 0, :]
+            x = x + attn.reshape(n, hq * d) @ layer["self_attn.o_proj.weight"].T
+
+            h = rms_norm(x, layer["post_attention_layernorm.weight"], spec.rms_norm_eps)
+            gated = F.silu(h @ layer["mlp.gate_proj.weight"].T) * (h @ layer["mlp.up_proj.weight"].T)
+            x = x + gated @ layer["mlp.down_proj.weight"].T
+
+        x = rms_norm(x, weights.tensors[FINAL_NORM], spec.rms_norm_eps)
+        return (x @ weights.lm_head.T).float()
