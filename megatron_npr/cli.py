@@ -50,6 +50,30 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_synth(args: argparse.Namespace) -> int:
+    import json
+
+    from .data.synth import make_synth_dataset
+
+    try:
+        pairs = make_synth_dataset(args.n, tuple(args.parts), args.digits, args.seed)
+    except ValueError as e:
+        return _fail(str(e), 2)
+    out = Path(args.out)
+    tmp = out.with_name(out.name + ".tmp")
+    try:
+        with tmp.open("w", encoding="utf-8") as f:
+            for problem, solution in pairs:
+                record = problem.to_json() | ({"solution": solution} if args.solutions else {})
+                f.write(json.dumps(record) + "\n")
+        tmp.replace(out)  # all or nothing
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        return _fail(f"cannot write {out}: {e}", 2)
+    print(f"wrote {len(pairs)} problems to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="npr", description="Native Parallel Reasoner training on Megatron-Core")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -60,6 +84,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--png", help="write the attention mask picture here")
     p.add_argument("--max-depth", type=int, default=1, help="deepest nesting of blocks allowed (default 1)")
     p.set_defaults(func=cmd_inspect)
+    data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
+    d = data.add_parser("synth", help="synthetic multi-part sums (JSONL), optionally with NPR solutions")
+    d.add_argument("--out", required=True)
+    d.add_argument("--n", type=int, default=1000)
+    d.add_argument("--parts", type=int, nargs=2, default=[2, 4], metavar=("MIN", "MAX"))
+    d.add_argument("--digits", type=int, default=1)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--solutions", action="store_true", help="add canonical NPR-format solutions")
+    d.set_defaults(func=cmd_data_synth)
     return parser
 
 

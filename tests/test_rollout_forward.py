@@ -79,7 +79,7 @@ def test_query_chunking_is_exact(model, monkeypatch):
 
 
 @pytest.mark.parametrize("permuted", [False, True], ids=["identity-slots", "permuted-slots"])
-@pytest.mark.parametrize("index", [0, 1, 2])
+@pytest.mark.parametrize("index", [1, 2])  # two rounds; nested branches
 def test_incremental_decoding_equals_one_shot(model, index, permuted):
     tokens, positions, mask = trajectory(index)
     L = len(tokens)

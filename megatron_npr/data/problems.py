@@ -1,0 +1,107 @@
+"""Math problems from ORZ-format collections and the benchmark files, as one record type.
+
+ORZ: a JSON list of `[{"from": "human", "value": Q}, {"from": "assistant", "ground_truth": {"value": A}}]`.
+Benchmarks (JSON list or JSONL of objects): the question is `question` or `problem`, the answer
+`answer` (a number, LaTeX, or for GPQA a letter inside "['D', 'c']"), the id `id`, `problem_idx`
+or `unique_id` when present.
+"""
+from __future__ import annotations
+
+import ast
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+class ProblemFormatError(ValueError):
+    """A record that cannot be read; the message names the file and the record index."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    id: str
+    question: str
+    answer: str
+    source: str
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def _load_records(path: Path) -> list:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ProblemFormatError(f"{path}: cannot read: {e}") from None
+    try:
+        if path.suffix == ".jsonl":
+            return [json.loads(line) for line in text.splitlines() if line.strip()]
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ProblemFormatError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    if not isinstance(data, list):
+        raise ProblemFormatError(f"{path}: expected a JSON list of records, found {type(data).__name__}")
+    return data
+
+
+def _orz_record(record, source: str, index: int) -> Problem:
+    if not (isinstance(record, list) and len(record) >= 2 and isinstance(record[0], dict)
+            and isinstance(record[1], dict)):
+        raise ValueError("expected [human turn, assistant turn]")
+    question = record[0].get("value")
+    answer = (record[1].get("ground_truth") or {}).get("value")
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError("missing human 'value' (the question)")
+    if answer is None or not str(answer).strip():
+        raise ValueError("missing assistant 'ground_truth.value' (the answer)")
+    return Problem(f"{source}-{index}", question.strip(), str(answer).strip(), source)
+
+
+def _gpqa_letter(answer: str) -> str:
+    """GPQA's processed answers look like "['D', 'c']": the first entry is the letter."""
+    if answer.startswith("["):
+        try:
+            answer = str(ast.literal_eval(answer)[0])
+        except (ValueError, SyntaxError, IndexError):
+            raise ValueError(f"unreadable multiple-choice answer {answer!r}") from None
+    return answer.strip().upper()
+
+
+def _benchmark_record(record, source: str, index: int) -> Problem:
+    if not isinstance(record, dict):
+        raise ValueError(f"expected an object, found {type(record).__name__}")
+    question = record.get("question", record.get("problem"))
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError("missing 'question' or 'problem'")
+    if record.get("answer") is None or not str(record["answer"]).strip():
+        raise ValueError("missing 'answer'")
+    answer = str(record["answer"]).strip()
+    if "options" in record or "gpqa" in source.lower():
+        answer = _gpqa_letter(answer)
+    ident = next((str(record[k]) for k in ("id", "problem_idx", "unique_id") if record.get(k) is not None), str(index))
+    return Problem(f"{source}-{ident}", question.strip(), answer, source)
+
+
+def load_problems(path: str | Path, *, source: str | None = None, skip_bad: bool = False) -> list[Problem]:
+    """Problems of an ORZ collection or a benchmark file (format detected from the records).
+    A bad record raises ProblemFormatError naming file and index, or with `skip_bad` is skipped
+    and counted in a warning."""
+    path = Path(path)
+    source = source or path.stem.split(".")[0]
+    records = _load_records(path)
+    orz = bool(records) and isinstance(records[0], list)
+    parse = _orz_record if orz else _benchmark_record
+    problems, skipped = [], []
+    for i, record in enumerate(records):
+        try:
+            problems.append(parse(record, source, i))
+        except ValueError as e:
+            if not skip_bad:
+                raise ProblemFormatError(f"{path}: record {i}: {e}") from None
+            skipped.append(f"record {i}: {e}")
+    if skipped:
+        log.warning("%s: skipped %d bad record(s), first: %s", path, len(skipped), skipped[0])
+    return problems
