@@ -9,6 +9,7 @@ import torch
 from .topology import Layout, Structure, TagIds, critical_path_length, layout_from_structure, parse_structure
 
 RESPONSE_MARKER = "<|im_start|>assistant\n"
+EMPTY_THINK = "<think>\n\n</think>\n\n"  # what Qwen3's template adds with thinking off: still prompt
 
 
 @dataclass
@@ -23,7 +24,12 @@ def tokenize_trajectory(text: str, tokenizer) -> tuple[list[int], int]:
     """Token ids and response start of a chat text. The prompt (up to the last assistant
     marker) and the response are tokenized separately, as an engine would produce them."""
     cut = text.rfind(RESPONSE_MARKER)
-    prompt, response = (text[:cut + len(RESPONSE_MARKER)], text[cut + len(RESPONSE_MARKER):]) if cut >= 0 else ("", text)
+    if cut < 0:
+        prompt, response = "", text
+    else:
+        cut += len(RESPONSE_MARKER)
+        cut += len(EMPTY_THINK) if text.startswith(EMPTY_THINK, cut) else 0
+        prompt, response = text[:cut], text[cut:]
     prompt_ids = tokenizer.encode(prompt, add_special_tokens=False) if prompt else []
     return prompt_ids + tokenizer.encode(response, add_special_tokens=False), len(prompt_ids)
 

@@ -37,3 +37,13 @@ def test_npr_console_script_runs():
     out = subprocess.run([str(npr), "inspect"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "critical path" in out.stdout
+
+
+def test_empty_think_block_of_the_thinking_off_template_belongs_to_the_prompt(qwen):
+    from megatron_npr.report import tokenize_trajectory
+    tokenizer, _ = qwen
+    ids, start = tokenize_trajectory("<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\nHi",
+                                     tokenizer)
+    assert tokenizer.decode(ids[start:]) == "Hi"
+    ids, start = tokenize_trajectory("<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\nHi", tokenizer)
+    assert tokenizer.decode(ids[start:]) == "Hi"
