@@ -13,6 +13,16 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs CUDA; skipped elsewhere")
 
 
+@pytest.fixture(scope="module")
+def megatron():
+    """Megatron parallel state for in-process tests (TP=PP=1, gloo on CPU)."""
+    from megatron_npr.distributed import destroy_distributed, init_distributed, pop_cpu_device_mode
+    init_distributed(1, 1)
+    yield
+    destroy_distributed()
+    pop_cpu_device_mode()  # later test modules run without the CPU shim's torch-function hook
+
+
 @pytest.fixture(scope="session")
 def qwen():
     """The real Qwen3 tokenizer with the NPR tags: (tokenizer, TagIds)."""

@@ -51,9 +51,26 @@ def npr_batch(length: int = 96, seed: int = 1):
     return NPRBatch.from_rows(rows, length=length, pad_id=0)
 
 
+def additive_mask(visible: torch.Tensor) -> torch.Tensor:
+    """HF's 4D additive form [b, 1, s, s] of a boolean visibility mask ([s, s] or [b, s, s])."""
+    if visible.dim() == 2:
+        visible = visible[None]
+    return torch.where(visible[:, None], 0.0, torch.finfo(torch.float32).min)
+
+
 def hf_reference_logits(hf_model, batch) -> torch.Tensor:
     """HF logits given the dense NPR mask (4D additive) and the layout's position ids."""
-    mask = batch.dense_mask()[:, None]
-    additive = torch.where(mask, 0.0, torch.finfo(torch.float32).min)
     with torch.no_grad():
-        return hf_model(input_ids=batch.tokens, attention_mask=additive, position_ids=batch.position_ids).logits
+        return hf_model(input_ids=batch.tokens, attention_mask=additive_mask(batch.dense_mask()),
+                        position_ids=batch.position_ids).logits
+
+
+def megatron_from_hf(hf_model, **config_kwargs):
+    """The Megatron model (this process's TP/PP part) with an HF model's weights, fp32."""
+    from megatron_npr.checkpoint.megatron_io import load_hf_into_model
+    from megatron_npr.models import build_model, transformer_config_from_hf
+
+    cfg = hf_model.config.to_dict()
+    model = build_model(transformer_config_from_hf(cfg, dtype=torch.float32, **config_kwargs))
+    load_hf_into_model(model, hf_model.state_dict(), cfg)
+    return model

@@ -5,7 +5,7 @@ import torch
 from megatron_npr.rollout import NPREngine, SamplingParams, Script
 from megatron_npr.rollout import engine as engine_module
 from megatron_npr.topology import parse_structure
-from model_fixtures import tiny_hf_model
+from model_fixtures import additive_mask, megatron_from_hf, tiny_hf_model
 from npr_reference import TAGS
 
 G, g, P, p, S, s, K, k = TAGS.ids
@@ -31,9 +31,8 @@ def hf_logprobs(hf, rollout, shift_at=None):
     positions = lay.position_ids.clone()
     if shift_at is not None:
         positions[shift_at] += 1
-    mask = torch.where(lay.dense_mask()[None, None], 0.0, torch.finfo(torch.float32).min)
     with torch.no_grad():
-        logits = hf(input_ids=torch.tensor([rollout.token_ids]), attention_mask=mask,
+        logits = hf(input_ids=torch.tensor([rollout.token_ids]), attention_mask=additive_mask(lay.dense_mask()),
                     position_ids=positions[None]).logits[0]
     lp = torch.log_softmax(logits.double(), -1)
     return [lp[i - 1, rollout.token_ids[i]].item() for i in range(rollout.response_start, len(rollout.token_ids))]
@@ -55,25 +54,14 @@ def test_logprobs_equal_hf_over_the_full_sequence(tied, response, depth):
     assert sampled_diff(rollout, hf_logprobs(hf, rollout, shift_at=branch_token)) > 1e-3  # negative control
 
 
-@pytest.fixture(scope="module")
-def megatron():
-    from megatron_npr.distributed import destroy_distributed, init_distributed, pop_cpu_device_mode
-    init_distributed(1, 1)
-    yield
-    destroy_distributed()
-    pop_cpu_device_mode()
-
-
 def test_logprobs_equal_the_megatron_trainer(megatron):
-    from megatron_npr.checkpoint.megatron_io import load_hf_into_model
-    from megatron_npr.models import NPRBatch, build_model, token_logprobs, transformer_config_from_hf
+    from megatron_npr.models import NPRBatch, token_logprobs
     from megatron_npr.topology import PackSample, pack
 
     hf = tiny_hf_model()
     rollouts = make_engine(hf).generate([PROMPT, PROMPT[:3]], SamplingParams(max_new_tokens=80),
                                         replay=[FLAT, ROUNDS])
-    model = build_model(transformer_config_from_hf(hf.config.to_dict(), dtype=torch.float32))
-    load_hf_into_model(model, hf.state_dict(), hf.config.to_dict())
+    model = megatron_from_hf(hf)
     for r in rollouts:
         batch = NPRBatch.from_rows(pack([PackSample(torch.tensor(r.token_ids), torch.ones(len(r.token_ids),
                                                                                              dtype=torch.bool),

@@ -3,28 +3,11 @@ import pytest
 import torch
 
 from megatron_npr.checkpoint import hf_to_mcore
-from megatron_npr.checkpoint.megatron_io import load_hf_into_model
 from megatron_npr.models import (ModelConfigError, build_model, forward_logits, token_logprobs,
                                  transformer_config_from_hf)
-from model_fixtures import hf_reference_logits, npr_batch, tiny_hf_model
+from model_fixtures import additive_mask, hf_reference_logits, megatron_from_hf, npr_batch, tiny_hf_model
 
 TOL = 1e-5
-
-
-@pytest.fixture(scope="module")
-def megatron():
-    from megatron_npr.distributed import destroy_distributed, init_distributed, pop_cpu_device_mode
-    init_distributed(1, 1)
-    yield
-    destroy_distributed()
-    pop_cpu_device_mode()  # later test modules run without the CPU shim's torch-function hook
-
-
-def _megatron_from_hf(hf, **kw):
-    cfg = hf.config.to_dict()
-    model = build_model(transformer_config_from_hf(cfg, dtype=torch.float32, **kw))
-    load_hf_into_model(model, hf.state_dict(), cfg)
-    return model
 
 
 def test_config_from_hf_maps_every_field():
@@ -54,7 +37,7 @@ def test_config_rejects_what_it_cannot_build(change, kw, message):
 @pytest.mark.parametrize("tied", [False, True])
 def test_logits_and_logprobs_match_hf_on_npr_batches(megatron, tied):
     hf = tiny_hf_model(tied=tied)
-    model = _megatron_from_hf(hf).eval()
+    model = megatron_from_hf(hf).eval()
     batch = npr_batch()
     ref = hf_reference_logits(hf, batch)
     with torch.no_grad():
@@ -70,7 +53,7 @@ def test_negative_controls_wrong_positions_and_wrong_qkv_layout(megatron):
     hf = tiny_hf_model()
     batch = npr_batch()
     ref = hf_reference_logits(hf, batch)
-    model = _megatron_from_hf(hf).eval()
+    model = megatron_from_hf(hf).eval()
     plain = batch.position_ids.clone()
     batch.position_ids = torch.arange(batch.tokens.shape[1]).expand_as(plain).clone()
     with torch.no_grad():
@@ -88,13 +71,12 @@ def test_negative_controls_wrong_positions_and_wrong_qkv_layout(megatron):
 
 def test_gradients_match_hf(megatron):
     hf = tiny_hf_model().train()
-    model = _megatron_from_hf(hf).train()
+    model = megatron_from_hf(hf).train()
     batch = npr_batch()
     targets, valid = batch.targets()
     loss = -(token_logprobs(model, batch) * valid).sum() / valid.sum()
     loss.backward()
-    mask = batch.dense_mask()[:, None]
-    logits = hf(input_ids=batch.tokens, attention_mask=torch.where(mask, 0.0, torch.finfo(torch.float32).min),
+    logits = hf(input_ids=batch.tokens, attention_mask=additive_mask(batch.dense_mask()),
                 position_ids=batch.position_ids).logits
     ref_loss = -(torch.log_softmax(logits, -1).gather(-1, targets[..., None])[..., 0] * valid).sum() / valid.sum()
     ref_loss.backward()
@@ -108,7 +90,7 @@ def test_flex_backend_matches_sdpa_and_hf(megatron):
     hf = tiny_hf_model()
     batch = npr_batch()
     ref = hf_reference_logits(hf, batch)
-    model = _megatron_from_hf(hf, attention_backend="flex").eval()
+    model = megatron_from_hf(hf, attention_backend="flex").eval()
     with torch.no_grad():
         assert (forward_logits(model, batch) - ref).abs().max() <= TOL
     if not torch.cuda.is_available():

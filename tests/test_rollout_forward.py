@@ -7,7 +7,7 @@ import torch
 from megatron_npr.rollout import qwen3_torch
 from megatron_npr.rollout.qwen3_torch import KVCache, Qwen3Spec, Qwen3Weights, forward
 from megatron_npr.topology import build_layout
-from model_fixtures import TRAJECTORIES, tiny_hf_model
+from model_fixtures import TRAJECTORIES, additive_mask, tiny_hf_model
 from npr_reference import TAGS, dsl
 
 ATOL = 1e-5
@@ -43,9 +43,9 @@ def weights_of(model) -> Qwen3Weights:
 
 
 def hf_logits(model, tokens, positions, mask):
-    additive = torch.where(mask, 0.0, torch.finfo(torch.float32).min)[None, None]
     with torch.no_grad():
-        return model(input_ids=tokens[None], attention_mask=additive, position_ids=positions[None]).logits[0]
+        return model(input_ids=tokens[None], attention_mask=additive_mask(mask),
+                     position_ids=positions[None]).logits[0]
 
 
 def one_shot(weights, tokens, positions, mask, slot_of=None, num_slots=None):

@@ -25,9 +25,13 @@ def _parallel_coords() -> tuple[int, int, int, int]:
             ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank())
 
 
+def is_weight_name(name: str) -> bool:
+    """A real weight of a Megatron state dict (not TE extra state, not the rotary buffer)."""
+    return not name.endswith("_extra_state") and "inv_freq" not in name
+
+
 def _local_params(model) -> dict[str, Tensor]:
-    return {n: t for n, t in model.state_dict(keep_vars=True).items()
-            if not n.endswith("_extra_state") and "inv_freq" not in n}
+    return {n: t for n, t in model.state_dict(keep_vars=True).items() if is_weight_name(n)}
 
 
 def load_hf_into_model(model, hf_weights: Mapping[str, Tensor], hf_config: dict, progress=None) -> None:
@@ -100,6 +104,6 @@ def load_dist_checkpoint(model, ckpt_dir: str | Path) -> None:
 
     state = dist_checkpointing.load(model.sharded_state_dict(), str(ckpt_dir))
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [m for m in missing if not m.endswith("_extra_state") and "inv_freq" not in m]
+    missing = [m for m in missing if is_weight_name(m)]
     if missing or unexpected:
         raise CheckpointError(f"{ckpt_dir}: missing {missing[:5]}, unexpected {list(unexpected)[:5]}")

@@ -11,13 +11,10 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
-from torch.nn.utils.rnn import pad_sequence
 
-from ..topology import Layout, TagIds, TopologyError, build_layout
-from .pool import SlotPool
+from ..topology import Layout, TagIds
 from .sampling import SamplingParams, penalise, sample_token, stream_seed
 
 

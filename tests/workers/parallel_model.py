@@ -25,7 +25,7 @@ from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_regi
 
 from megatron_npr.checkpoint import open_hf_weights, read_hf_config  # noqa: E402
 from megatron_npr.checkpoint.mapping import local_to_global_name, unshard_tp  # noqa: E402
-from megatron_npr.checkpoint.megatron_io import load_hf_into_model  # noqa: E402
+from megatron_npr.checkpoint.megatron_io import is_weight_name, load_hf_into_model  # noqa: E402
 from megatron_npr.distributed import destroy_distributed, init_distributed  # noqa: E402
 from megatron_npr.models import build_model, forward_logits, token_logprobs, transformer_config_from_hf  # noqa: E402
 from model_fixtures import hf_reference_logits, npr_batch  # noqa: E402
@@ -67,12 +67,12 @@ def full_weights(model, hf_cfg):
     tp_group = ps.get_tensor_model_parallel_group()
     out = {}
     for name, p in model.state_dict().items():
-        if name.endswith("_extra_state") or "inv_freq" in name:
+        if not is_weight_name(name):
             continue
         shards = [torch.empty_like(p) for _ in range(dist.get_world_size(tp_group))]
         dist.all_gather(shards, p.contiguous(), group=tp_group)
         gname = local_to_global_name(name, 0, hf_cfg["num_hidden_layers"], 1)
-        out[gname] = unshard_tp(gname, shards) if "layernorm" not in gname else p.clone()
+        out[gname] = unshard_tp(gname, shards)  # replicated tensors must agree across ranks
     return out
 
 
