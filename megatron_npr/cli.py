@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--solutions", action="store_true", help="add canonical NPR-format solutions")
     d.set_defaults(func=cmd_data_synth)
+    from .cli_train import add_commands
+    add_commands(sub)
     return parser
 
 

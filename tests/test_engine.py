@@ -182,3 +182,20 @@ def test_sampler_filters_and_parameter_errors():
         SamplingParams(top_p=1.5)
     with pytest.raises(ValueError, match="on_bad_plan='skip'"):
         SamplingParams(on_bad_plan="skip")
+
+
+def test_sampler_frequencies_match_the_distribution():
+    """The inverse-CDF sampler draws tokens with their softmax probabilities (zero-probability
+    tokens never); a sampler that ignored temperature would fail the 4-sigma bound."""
+    from megatron_npr.rollout.sampling import sample_token
+    logits = torch.tensor([1.0, float("-inf"), 0.0, 2.0, -0.5])
+    params = SamplingParams(temperature=0.7)
+    gen = torch.Generator().manual_seed(3)
+    n = 6000
+    counts = torch.bincount(torch.tensor([sample_token(logits, params, gen) for _ in range(n)]), minlength=5)
+    probs = torch.softmax(logits / 0.7, -1)
+    assert counts[1] == 0
+    sigma = (n * probs * (1 - probs)).sqrt()
+    assert ((counts - n * probs).abs() <= 4 * sigma + 1).all(), (counts, n * probs)
+    wrong = torch.softmax(logits, -1)  # negative control: temperature 1 is far outside the bound
+    assert ((counts - n * wrong).abs() > 4 * sigma + 1).any()

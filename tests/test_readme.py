@@ -12,6 +12,6 @@ def _readme_commands():
 def test_readme_opens_with_two_setup_commands_and_ci_runs_the_second():
     commands = _readme_commands()
     assert len(commands) == 2, commands
-    assert "npr inspect" in commands[0] and "pytest" in commands[1]
+    assert commands[0].endswith("npr pipeline") and "pytest" in commands[1]
     ci = ROOT.joinpath(".ci", "run").read_text().splitlines()
     assert commands[1] in ci, "`.ci/run` must run the README's test command verbatim"

@@ -102,7 +102,10 @@ def load_dist_checkpoint(model, ckpt_dir: str | Path) -> None:
     """Collective: load a dist checkpoint written at any TP/PP into this model."""
     from megatron.core import dist_checkpointing
 
-    state = dist_checkpointing.load(model.sharded_state_dict(), str(ckpt_dir))
+    request = model.sharded_state_dict()
+    state = dist_checkpointing.load(request, str(ckpt_dir))
+    # a training checkpoint also holds the optimizer and run state: only the model is wanted here
+    state = {k: v for k, v in state.items() if k in request}
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [m for m in missing if is_weight_name(m)]
     if missing or unexpected:

@@ -52,12 +52,15 @@ class NPREngine:
 
     # ---------------------------------------------------------------- generation
     def generate(self, prompts: list[list[int]], params: SamplingParams,
-                 replay: list[list[int]] | None = None) -> list[Rollout]:
+                 replay: list[list[int]] | None = None, seeds: list[int] | None = None) -> list[Rollout]:
         """n rollouts per prompt, prompt-major. Every KV slot is free again on return. `replay`
         gives one response per prompt to reproduce instead of sampling (benchmarks, tests): the
-        engine still forks, joins and scores every token."""
+        engine still forks, joins and scores every token. `seeds` gives each prompt its own seed
+        (instead of params.seed and the prompt's index), so its samples do not depend on batching."""
         if replay is not None and len(replay) != len(prompts):
             raise ValueError(f"replay has {len(replay)} responses for {len(prompts)} prompts")
+        if seeds is not None and len(seeds) != len(prompts):
+            raise ValueError(f"seeds has {len(seeds)} entries for {len(prompts)} prompts")
         need = [params.n * (len(p) + params.max_new_tokens) for p in prompts]
         for i, (p, slots) in enumerate(zip(prompts, need)):
             if not p or min(p) < 0 or max(p) >= self.spec.vocab_size:
@@ -70,7 +73,8 @@ class NPREngine:
         while queue or sched.live:
             while queue and self.pool.try_reserve(need[queue[0]]):  # the rest wait for memory
                 i = queue.popleft()
-                self._admit(sched, i, prompts[i], params, replay[i] if replay else None)
+                self._admit(sched, i, prompts[i], params, replay[i] if replay else None,
+                            None if seeds is None else seeds[i])
             self._retire_finished(sched)
             streams = sched.running()
             if streams:
@@ -80,7 +84,7 @@ class NPREngine:
         return [sched.done[(i, k)] for i in range(len(prompts)) for k in range(params.n)]
 
     def _admit(self, sched: RolloutScheduler, index: int, prompt: list[int], params: SamplingParams,
-               replay: list[int] | None) -> None:
+               replay: list[int] | None, seed: int | None = None) -> None:
         """Prefill the prompt once (chunked); its n samples fork from it."""
         slots, logits = torch.empty(0, dtype=torch.long), None
         for start in range(0, len(prompt), self.prefill_chunk):
@@ -92,7 +96,7 @@ class NPREngine:
         for k in range(params.n):
             sample = _Sample(prompt, (index, k))
             self.pool.retain(slots)
-            trunk = sample.trunk = _Stream(sample, slots, len(prompt), stream_seed(params.seed, index, k))
+            trunk = sample.trunk = _Stream(sample, slots, len(prompt), self._trunk_seed(params, index, k, seed))
             sched.live.append(sample)
             if replay is not None:
                 trunk.script = Script.from_response(replay, self.tags, params.max_depth) if params.parallel \
@@ -102,6 +106,12 @@ class NPREngine:
                 token = sample_token(logits[-1], params, trunk.generator)
             sched.decide(trunk, token, logits[-1], False)
         self.pool.release(slots)
+
+    @staticmethod
+    def _trunk_seed(params: SamplingParams, index: int, k: int, prompt_seed: int | None) -> int:
+        if prompt_seed is None:
+            return stream_seed(params.seed, index, k)
+        return stream_seed(prompt_seed, k)
 
     def _step(self, sched: RolloutScheduler, streams: list[_Stream]) -> None:
         """Feed every running stream its next token in one batched forward."""

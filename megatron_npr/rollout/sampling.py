@@ -59,4 +59,12 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.
         sorted_probs, order = probs.sort(descending=True)
         keep = sorted_probs.cumsum(0) - sorted_probs < params.top_p  # always keeps the top token
         probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_probs[keep])
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return _inverse_cdf(probs, generator)
+
+
+def _inverse_cdf(probs: torch.Tensor, generator: torch.Generator) -> int:
+    """One draw from `probs` with a single uniform: ~10x cheaper than torch.multinomial over a
+    151k vocabulary on a CPU (cumsum in float64 so the tail keeps its mass)."""
+    cdf = probs.double().cumsum(0)
+    u = torch.rand((), generator=generator, dtype=torch.float64) * cdf[-1]
+    return int(torch.searchsorted(cdf, u, right=True).clamp(max=probs.numel() - 1))

@@ -2,6 +2,7 @@
 
 Rewards, masks, kernels, the rollout engine, PAPO and metrics all call into this package.
 """
+from .forced import engine_inserted_mask, inserted_mask_from_structure
 from .grammar import (REASONS, Block, Branch, Defect, Structure, TopologyError, find_defects,
                       parse_kinds, parse_structure)
 from .layout import Layout, assign_positions, build_layout, critical_path_length, layout_from_structure
@@ -15,5 +16,6 @@ __all__ = [
     "parse_structure", "parse_kinds", "find_defects",
     "Layout", "build_layout", "layout_from_structure", "assign_positions", "critical_path_length",
     "PackSample", "PackedRow", "PackingError", "pack",
+    "engine_inserted_mask", "inserted_mask_from_structure",
     "FormatResult", "format_reward", "last_boxed", "Canonical", "canonicalize", "branch_label",
 ]

@@ -35,6 +35,8 @@ REASONS: dict[str, str] = {
     "nesting_too_deep": "a block nested deeper than max_depth",
     "text_between_blocks": "text between a </takeaway> and the next <guideline>",
     "missing_block": "no parallel block at all (only when a block is required)",
+    "branch_label": "a <step> not followed by exactly the label the engine inserts for it "
+                    "(branch_label(j) for branch j; checked by topology.engine_inserted_mask)",
 }
 
 

@@ -138,7 +138,8 @@ def _set_label(kinds, segs, tag_seg: int, j: int, what: str, changes, offsets):
         old = segs[nxt]
         m = _LABEL.match(old)
         rest = old[m.end():] if m else old
-        new = label + (" " + rest.lstrip() if rest.strip() else rest)
+        # a blank rest is dropped: kept, the label pattern would absorb it on the next pass
+        new = label + (" " + rest.lstrip() if rest.strip() else "")
         if new != old:
             head = len(old) - len(rest.lstrip()) if rest.strip() else len(old)
             changes.append(f"char {offsets[tag_seg]}: {what} {j}: {old[:head]!r} -> {new[:len(new) - len(old) + head]!r}")

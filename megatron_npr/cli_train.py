@@ -1,0 +1,92 @@
+"""`npr sft`, `npr sample`, `npr eval` and `npr pipeline`: config file + key=value overrides."""
+from __future__ import annotations
+
+import json
+import sys
+
+
+def _fail(message: str, code: int = 1) -> int:
+    print(f"npr: {message}", file=sys.stderr)
+    return code
+
+
+def _config(cls, args):
+    from pathlib import Path
+
+    from .config import load_config
+    path, overrides = args.config, list(args.overrides)
+    if path and "=" in path and not Path(path).exists():  # `npr pipeline key=value`: no file given
+        path, overrides = None, [path, *overrides]
+    return load_config(cls, path, overrides)
+
+
+def _run(args, cls, body) -> int:
+    """Load the config, run `body(cfg)`; bad configs and bad inputs exit 2 with one clear line."""
+    from .config import ConfigError
+    from .data.problems import ProblemFormatError
+
+    try:
+        cfg = _config(cls, args)
+    except ConfigError as e:
+        return _fail(str(e), 2)
+    try:
+        return body(cfg)
+    except (FileNotFoundError, ProblemFormatError) as e:
+        return _fail(str(e), 2)
+
+
+def cmd_sft(args) -> int:
+    from .training.sft import run_sft
+    from .training.sft_config import SFTConfig
+
+    def body(cfg):
+        if args.export_hf:
+            cfg.train.export_hf = args.export_hf
+        summary = run_sft(cfg, progress=not args.quiet)
+        print(json.dumps(summary, indent=2))
+        return 0
+    return _run(args, SFTConfig, body)
+
+
+def cmd_sample(args) -> int:
+    from .training.rejection import RejectionConfig, run_rejection_sampling
+
+    def body(cfg):
+        stats = run_rejection_sampling(cfg, progress=not args.quiet)
+        print(stats.table())
+        return 0
+    return _run(args, RejectionConfig, body)
+
+
+def cmd_eval(args) -> int:
+    from .eval.runner import EvalConfig, run_eval
+
+    def body(cfg):
+        print(run_eval(cfg).table())
+        return 0
+    return _run(args, EvalConfig, body)
+
+
+def cmd_pipeline(args) -> int:
+    from .pipeline.config import PipelineConfig
+    from .pipeline.run import run_pipeline
+
+    def body(cfg):
+        run_pipeline(cfg)
+        return 0
+    return _run(args, PipelineConfig, body)
+
+
+def add_commands(sub) -> None:
+    specs = [("sft", cmd_sft, "packed parallel SFT on Megatron-Core (stage 2)", True),
+             ("sample", cmd_sample, "rejection sampling with the engine (stage 2), resumable JSONL", True),
+             ("eval", cmd_eval, "accuracy, format validity, trigger rate and speedup of a model", True),
+             ("pipeline", cmd_pipeline, "the recipe end to end on a tiny model (default: built-in tiny config)", False)]
+    for name, func, help_text, needs_config in specs:
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("config", nargs=None if needs_config else "?", help="YAML config file")
+        p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-6")
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+        if name == "sft":
+            p.add_argument("--export-hf", help="write an HF folder of the final model here")
+        p.set_defaults(func=func)

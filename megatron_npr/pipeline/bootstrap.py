@@ -1,0 +1,99 @@
+"""Bootstrap of a tiny random Qwen3 on synthetic NPR solutions, fast enough for a 2-core CPU.
+
+With the real Qwen3 tokenizer the output layer has 151k rows, and on a CPU it costs ~30x the
+rest of a tiny model: full-vocabulary SFT runs at ~700 tokens/s, too slow to teach a task from
+scratch in minutes. The bootstrap therefore keeps every embedding row outside the task's token
+set T frozen at zero (embeddings are tied). A zero row has logit exactly 0, so the full softmax
+needs only the |T| live logits:
+
+    log Z = logaddexp(logsumexp(logits_T), log(V - |T|))
+
+This is the exact full-vocabulary loss of the constrained model, and the saved checkpoint is an
+ordinary Qwen3 (zero rows included) that the engine and the Megatron trainer use unchanged. It
+trains with the NPR branch mask and shared positions, like SFT.
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import atomic_output_dir
+
+
+class _TaskVocabModel(torch.nn.Module):
+    """The HF model's body plus the live rows `embed` of the tied embedding (ids in `vocab`)."""
+
+    def __init__(self, hf_model, vocab: torch.Tensor):
+        super().__init__()
+        self.body, self.vocab_size = hf_model.model, hf_model.config.vocab_size
+        full = hf_model.model.embed_tokens.weight.detach()
+        self.embed = torch.nn.Parameter(full[vocab].clone())
+        self.register_buffer("index_of", torch.full((self.vocab_size,), -1, dtype=torch.long))
+        self.index_of[vocab] = torch.arange(len(vocab))
+        self.log_dead = math.log(self.vocab_size - len(vocab))
+
+    def token_logprobs(self, tokens, positions, visible, targets) -> torch.Tensor:
+        local = self.index_of[tokens]
+        mask = torch.where(visible[:, None], 0.0, torch.finfo(torch.float32).min)
+        hidden = self.body(inputs_embeds=self.embed[local], attention_mask=mask,
+                           position_ids=positions).last_hidden_state
+        logits = hidden @ self.embed.T
+        log_z = torch.logaddexp(torch.logsumexp(logits, -1), torch.tensor(self.log_dead))
+        target_local = self.index_of[targets].clamp(min=0)
+        return logits.gather(-1, target_local[..., None])[..., 0] - log_z
+
+
+def task_vocab(samples, extra_ids=()) -> torch.Tensor:
+    ids = set(int(i) for i in extra_ids)
+    for s in samples:
+        ids.update(s.token_ids.tolist())
+    return torch.tensor(sorted(ids))
+
+
+def bootstrap_tiny(hf_dir: str | Path, samples, out_dir: str | Path, *, steps: int, lr: float, rows_per_step: int,
+                   max_tokens: int, extra_ids=(), seed: int = 0, warmup: int = 20, log_every: int = 25,
+                   progress: bool = True) -> dict:
+    """Train the HF model in `hf_dir` on `samples` (SFT samples with NPR layouts); write the result
+    to `out_dir` as an HF folder. Returns the loss history."""
+    from tqdm import tqdm
+    from transformers import AutoTokenizer, Qwen3ForCausalLM
+
+    from ..training.loader import PackedLoader
+
+    torch.manual_seed(seed)
+    hf = Qwen3ForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32, attn_implementation="sdpa")
+    if not hf.config.tie_word_embeddings:
+        raise ValueError(f"{hf_dir}: the bootstrap needs tied embeddings (tie_word_embeddings=true)")
+    vocab = task_vocab(samples, extra_ids)
+    model = _TaskVocabModel(hf, vocab).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * (
+        0.1 + 0.45 * (1 + math.cos(math.pi * min(s / max(steps, 1), 1.0)))))
+    loader = PackedLoader(samples, max_tokens, rows_per_step, micro_rows=rows_per_step, seed=seed)
+    history, started = [], time.perf_counter()
+    bar = tqdm(range(steps), desc="bootstrap", unit="step", disable=not progress, dynamic_ncols=True)
+    for step in bar:
+        batch = loader.next_step().microbatches[0]
+        targets, valid = batch.targets()
+        logprobs = model.token_logprobs(batch.tokens, batch.position_ids, batch.dense_mask(), targets)
+        loss = -(logprobs * valid).sum() / valid.sum().clamp(min=1)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        schedule.step()
+        history.append({"step": step + 1, "loss": loss.item(), "lr": schedule.get_last_lr()[0]})
+        if (step + 1) % log_every == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    with torch.no_grad():
+        full = torch.zeros_like(hf.model.embed_tokens.weight)
+        full[vocab] = model.embed
+        hf.model.embed_tokens.weight.copy_(full)  # tied: the output layer is the same tensor
+    with atomic_output_dir(out_dir) as tmp:
+        hf.save_pretrained(tmp, safe_serialization=True)
+        AutoTokenizer.from_pretrained(str(hf_dir)).save_pretrained(tmp)
+    return {"history": history, "task_vocab": len(vocab), "seconds": time.perf_counter() - started,
+            "packing_efficiency": loader.packing_efficiency}

@@ -1,0 +1,156 @@
+"""`npr pipeline`: the recipe end to end on a tiny model, every stage visible here.
+
+    make model -> synth data -> bootstrap -> eval (before) -> rejection sampling -> SFT -> eval (after)
+
+Each stage writes its output under out_dir atomically and is skipped when that output exists,
+so a killed pipeline resumes at the stage it was in (SFT and rejection sampling also resume
+inside the stage).
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from ..data.synth import make_synth_dataset
+from .config import PipelineConfig
+
+STAGES = ("model", "data", "bootstrap", "eval_before", "sample", "sft", "eval_after", "report")
+
+
+def _write_jsonl(path: Path, rows) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    tmp.replace(path)
+
+
+def make_data(cfg: PipelineConfig, out: Path) -> dict[str, Path]:
+    """Three synthetic sets with disjoint questions: bootstrap (with solutions), sample, eval."""
+    s = cfg.synth
+    paths = {name: out / "data" / f"{name}.jsonl" for name in ("bootstrap", "sample", "eval")}
+    if all(p.is_file() for p in paths.values()):
+        return paths
+    pool = make_synth_dataset(3 * (s.bootstrap + s.sample + s.eval), tuple(s.parts), s.digits, s.seed)
+    unique, seen = [], set()
+    for problem, solution in pool:
+        if problem.question not in seen:
+            seen.add(problem.question)
+            unique.append((problem, solution))
+    need = s.bootstrap + s.sample + s.eval
+    if len(unique) < need:
+        raise ValueError(f"synth: only {len(unique)} distinct questions for {need} problems; raise parts or digits")
+    ev, sm, bs = unique[:s.eval], unique[s.eval:s.eval + s.sample], unique[s.eval + s.sample:need]
+    _write_jsonl(paths["bootstrap"], [p.to_json() | {"solution": sol} for p, sol in bs])
+    _write_jsonl(paths["sample"], [p.to_json() for p, _ in sm])
+    _write_jsonl(paths["eval"], [p.to_json() for p, _ in ev])
+    return paths
+
+
+def _engine(hf_dir: Path):
+    from ..rollout import NPREngine
+    return NPREngine.from_hf(hf_dir, kv_slots=1 << 17)
+
+
+def evaluate_model(cfg: PipelineConfig, hf_dir: Path, eval_path: Path, out_json: Path) -> dict:
+    from ..data.problems import load_problems
+    from ..data.tokenizer import load_tokenizer
+    from ..eval.runner import evaluate
+    from ..rollout import SamplingParams
+
+    if out_json.is_file():
+        return json.loads(out_json.read_text())
+    problems = load_problems(eval_path, source="synth")
+    tokenizer, tags = load_tokenizer(hf_dir)
+    e = cfg.eval
+    params = SamplingParams(n=e.n, temperature=e.temperature, max_new_tokens=e.max_new_tokens, parallel=True)
+    with open_grader_for(problems) as grader:
+        result = evaluate(_engine(hf_dir), tokenizer, tags, problems, params, grader, instruction="",
+                          measure_speedup=e.measure_speedup, batch_problems=e.batch_problems).to_json()
+    out_json.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def open_grader_for(problems):
+    from ..eval.common import GraderConfig, open_grader
+    return open_grader(GraderConfig(kind="exact_int"), problems)
+
+
+def rejection_sample(cfg: PipelineConfig, hf_dir: Path, problems: Path, out: Path) -> dict:
+    from ..eval.common import DataConfig, ModelConfig
+    from ..training.rejection import RejectionConfig, RejectionSamplingConfig, run_rejection_sampling
+
+    s = cfg.sample
+    rs = RejectionConfig(model=ModelConfig(hf_dir=str(hf_dir), kv_slots=1 << 17),
+                         data=DataConfig(path=str(problems), source="synth", instruction="none"),
+                         sampling=RejectionSamplingConfig(
+                             max_samples=s.max_samples, samples_per_round=s.samples_per_round,
+                             temperature=s.temperature, max_new_tokens=s.max_new_tokens, parallel=s.parallel),
+                         batch_problems=s.batch_problems, out=str(out))
+    return run_rejection_sampling(rs).to_json()
+
+
+def sft(cfg: PipelineConfig, hf_dir: Path, data: Path, out: Path, export: Path) -> dict:
+    from ..training.sft import run_sft
+    from ..training.sft_config import DataSection, ModelSection, OptimSection, SFTConfig, TrainSection
+
+    s = cfg.sft
+    sft_cfg = SFTConfig(model=ModelSection(hf_dir=str(hf_dir)),
+                        data=DataSection(path=str(data), max_tokens=s.max_tokens, instruction="none"),
+                        train=TrainSection(out_dir=str(out), epochs=s.epochs, global_batch_rows=s.global_batch_rows,
+                                           export_hf=str(export)),
+                        optim=OptimSection(lr=s.lr, min_lr=s.min_lr, warmup_steps=s.warmup_steps,
+                                           weight_decay=s.weight_decay))
+    return run_sft(sft_cfg)
+
+
+def run_pipeline(cfg: PipelineConfig) -> dict:
+    from ..checkpoint.tiny import write_random_qwen3
+    from ..data.tokenizer import load_tokenizer
+    from ..distributed import pop_cpu_device_mode
+    from ..training.sft_data import load_sft_samples
+    from .bootstrap import bootstrap_tiny
+    from .report import write_report
+
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    timings, t0 = {}, time.perf_counter()
+
+    def mark(stage):
+        nonlocal t0
+        timings[stage] = round(time.perf_counter() - t0, 1)
+        t0 = time.perf_counter()
+        print(f"[pipeline] {stage} done in {timings[stage]} s", flush=True)
+
+    tokenizer, tags = load_tokenizer(cfg.tokenizer)
+    init_dir, boot_dir, sft_dir = out / "model_init", out / "model_bootstrap", out / "model_sft"
+    if not init_dir.is_dir():
+        write_random_qwen3(init_dir, tokenizer, cfg.model)
+    mark("model")
+    data = make_data(cfg, out)
+    mark("data")
+    if not boot_dir.is_dir():
+        samples, drops = load_sft_samples(data["bootstrap"], tokenizer, tags, max_tokens=cfg.bootstrap.max_tokens,
+                                          instruction="")
+        b = cfg.bootstrap
+        boot = bootstrap_tiny(init_dir, samples, boot_dir, steps=b.steps, lr=b.lr, rows_per_step=b.rows_per_step,
+                              max_tokens=b.max_tokens, seed=cfg.synth.seed)
+        (out / "bootstrap.json").write_text(json.dumps(boot))
+    mark("bootstrap")
+    before = evaluate_model(cfg, boot_dir, data["eval"], out / "eval_before.json")
+    mark("eval_before")
+    rs = rejection_sample(cfg, boot_dir, data["sample"], out / "rs" / "accepted.jsonl")
+    mark("sample")
+    if rs["accepted"] == 0:  # nothing to fine-tune on: say so, and evaluate the bootstrap model again
+        print("[pipeline] rejection sampling accepted no sample: SFT skipped", flush=True)
+        rs["sft_skipped"] = True
+        sft_dir = boot_dir
+    elif not sft_dir.is_dir():
+        sft(cfg, boot_dir, out / "rs" / "accepted.jsonl", out / "sft", sft_dir)
+        pop_cpu_device_mode()  # Megatron's CPU shim slows the engine's plain torch code
+    mark("sft")
+    after = evaluate_model(cfg, sft_dir, data["eval"], out / "eval_after.json")
+    mark("eval_after")
+    report = write_report(out, before, after, rs, timings)
+    mark("report")
+    return report

@@ -1,0 +1,1 @@
+"""Training: SFT, RL loops and stage-2 rejection sampling."""

@@ -1,0 +1,222 @@
+"""Packed parallel SFT: packing never changes the loss, runs resume to the same curve, and TP2 /
+DP2 train like TP1. The model is a tiny random Qwen3 over the real Qwen3 vocabulary."""
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from megatron_npr.data.synth import make_synth_dataset
+from megatron_npr.distributed import free_port
+
+SEQ = 512
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, qwen):
+    """(hf_dir, data_path): a 2-layer 32-wide random Qwen3 and 24 synthetic NPR solutions."""
+    from megatron_npr.checkpoint.tiny import TinyQwen3, write_random_qwen3
+
+    root = tmp_path_factory.mktemp("sft")
+    tokenizer, _ = qwen
+    hf_dir = write_random_qwen3(root / "hf", tokenizer, TinyQwen3(hidden_size=32, num_hidden_layers=2,
+                                                                  head_dim=16, intermediate_size=64, seed=3))
+    data = root / "data.jsonl"
+    data.write_text("".join(json.dumps(p.to_json() | {"solution": s}) + "\n"
+                            for p, s in make_synth_dataset(24, (2, 3), 1, seed=5)))
+    return hf_dir, data
+
+
+def _samples(tiny, qwen, n=6):
+    from megatron_npr.training.sft_data import load_sft_samples
+    samples, drops = load_sft_samples(tiny[1], *qwen, max_tokens=SEQ, instruction="")
+    assert drops.kept == len(samples) == 24
+    return samples[:n]
+
+
+def _batch(samples, length):
+    from megatron_npr.models import NPRBatch
+    from megatron_npr.topology import pack
+    rows = pack(samples, length)
+    return NPRBatch.from_rows(rows, length=length), rows
+
+
+def test_packed_logprobs_equal_unpacked_hf_reference(megatron, tiny, qwen):
+    """Per-token log-probs of several documents packed in one row (Megatron) equal each document
+    alone under HF with its dense NPR mask; the summed loss agrees to 1e-5 relative. Negative
+    control: letting documents see each other changes the later documents."""
+    from transformers import Qwen3ForCausalLM
+
+    from megatron_npr.checkpoint import open_hf_weights, read_hf_config
+    from megatron_npr.checkpoint.megatron_io import load_hf_into_model
+    from megatron_npr.models import build_model, token_logprobs, transformer_config_from_hf
+    from model_fixtures import additive_mask
+
+    hf_dir, _ = tiny
+    samples = _samples(tiny, qwen)
+    cfg = read_hf_config(hf_dir)
+    model = build_model(transformer_config_from_hf(cfg, dtype=torch.float32))
+    with open_hf_weights(hf_dir) as w:
+        load_hf_into_model(model, w, cfg)
+    hf = Qwen3ForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    batch, rows = _batch(samples, SEQ)
+    assert len(rows) == 2 and all(len(r.sample_indices) >= 2 for r in rows)
+    with torch.no_grad():
+        packed = token_logprobs(model, batch)
+        _, valid = batch.targets()
+        packed_loss = -(packed * valid).sum()
+        ref_loss, worst = 0.0, 0.0
+        for r, row in enumerate(rows):
+            for k, i in enumerate(row.sample_indices):
+                lo, hi = row.doc_offsets[k], row.doc_offsets[k + 1]
+                alone, _ = _batch([samples[i]], hi - lo)
+                logits = hf(input_ids=alone.tokens, attention_mask=additive_mask(alone.dense_mask()),
+                            position_ids=alone.position_ids).logits.double()
+                targets, ok = alone.targets()
+                ref = torch.log_softmax(logits, -1).gather(-1, targets[..., None])[..., 0]
+                worst = max(worst, (packed[r, lo:hi].double() - ref[0])[ok[0]].abs().max().item())
+                assert torch.equal(valid[r, lo:hi], ok[0])
+                ref_loss += -(ref * ok).sum().item()
+        assert worst <= 1e-5, worst
+        assert abs(packed_loss.item() - ref_loss) <= 1e-5 * abs(ref_loss)
+        leaky = dataclass_replace(batch, doc_start=torch.zeros_like(batch.doc_start))
+        moved = (token_logprobs(model, leaky) - packed)[valid].abs().max().item()
+    assert moved > 1e-3, moved
+
+
+def dataclass_replace(obj, **changes):
+    import dataclasses
+    return dataclasses.replace(obj, **changes)
+
+
+# ---------------------------------------------------------------- runs of `npr sft`
+def _config(tiny, out_dir, **train) -> dict:
+    hf_dir, data = tiny
+    return {"model": {"hf_dir": str(hf_dir)},
+            "data": {"path": str(data), "max_tokens": SEQ, "instruction": "none"},
+            "optim": {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 1, "weight_decay": 0.1, "clip_grad": 1.0},
+            "train": {"out_dir": str(out_dir), "steps": 5, "global_batch_rows": 2, "save_every": 2, **train}}
+
+
+def run_sft(cfg: dict, tmp: Path, *overrides: str, nproc: int = 1, crash: str | None = None,
+            expect: int = 0) -> list[dict]:
+    path = tmp / f"cfg_{abs(hash((str(cfg), overrides))) % 10**8}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    for name in ("NPR_TEST_CRASH", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)  # in-process tests of this session set the rendezvous variables
+    if crash:
+        env["NPR_TEST_CRASH"] = crash
+    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                f"--master_port={free_port()}"] if nproc > 1 else [sys.executable]
+    cmd = [*launcher, "-m", "megatron_npr.cli", "sft", str(path), *overrides, "--quiet"]
+    log = path.with_suffix(".log")
+    with log.open("w") as f:  # a file, not a pipe: a killed run's helper processes may keep pipes open
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            code = proc.wait(timeout=600)
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # what a scheduler does to a killed job's leftovers
+            except ProcessLookupError:
+                pass
+    if expect == 0:
+        assert code == 0, f"{' '.join(cmd)}:\n{log.read_text()[-6000:]}"
+    else:
+        assert code == expect, log.read_text()[-3000:]
+    metrics = Path(cfg["train"]["out_dir"]) / "metrics.jsonl"
+    return [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
+
+
+def _curve(rows, key="loss"):
+    return [r[key] for r in rows]
+
+
+@pytest.fixture(scope="module")
+def reference_run(tiny, tmp_path_factory):
+    """An uninterrupted TP1 run, and a run with another data order (the negative control)."""
+    tmp = tmp_path_factory.mktemp("ref")
+    base = run_sft(_config(tiny, tmp / "a", export_hf=str(tmp / "a_hf")), tmp)
+    other = run_sft(_config(tiny, tmp / "b", seed=99), tmp)
+    assert len(base) == 5 and [r["step"] for r in base] == [1, 2, 3, 4, 5]
+    gap = max(abs(x - y) for x, y in zip(_curve(base)[1:], _curve(other)[1:]))
+    assert gap > 1e-3, "another data order should give another curve"
+    return base, tmp / "a"
+
+
+def test_export_hf_equals_the_converter_on_the_final_checkpoint(tiny, reference_run):
+    """`train.export_hf` (in process) writes what tools/convert_hf.py makes of the final
+    checkpoint, bit for bit; and training moved the weights away from the start."""
+    from safetensors.torch import load_file
+    _, out = reference_run
+    converted = out.parent / "converted"
+    cmd = [sys.executable, str(Path(__file__).parent.parent / "tools" / "convert_hf.py"), "mcore-to-hf",
+           "--ckpt", str(out / "checkpoints" / "step_00000005"), "--out", str(converted)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                         env={k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT")})
+    assert res.returncode == 0, res.stderr[-3000:]
+    exported, reference = load_file(out.parent / "a_hf" / "model.safetensors"), load_file(converted / "model.safetensors")
+    assert exported.keys() == reference.keys()
+    assert all(torch.equal(exported[k], reference[k]) for k in exported)
+    start = load_file(Path(tiny[0]) / "model.safetensors")
+    assert (exported["model.norm.weight"] - start["model.norm.weight"]).abs().max() > 1e-3
+    assert (out.parent / "a_hf" / "tokenizer.json").is_file()
+
+
+def test_sft_writes_checkpoints_metrics_and_plot(reference_run):
+    base, out = reference_run
+    assert base[-1]["loss"] < base[0]["loss"]
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000005"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step_")) == \
+        ["step_00000004", "step_00000005"]  # keep_last=2
+    assert (out / "loss.png").is_file() and any((out / "tensorboard").iterdir())
+    assert 0 < base[0]["packing_efficiency"] <= 1 and base[0]["lr"] > 0
+
+
+@pytest.mark.parametrize("crash", ["after_step:3", "during_save:4"])
+def test_killed_run_resumes_to_the_same_curve(tiny, tmp_path, reference_run, crash):
+    """Killed after step 3 (last checkpoint: step 2) or in the middle of writing step 4's
+    checkpoint: the resumed run's curve equals the uninterrupted one."""
+    base, _ = reference_run
+    cfg = _config(tiny, tmp_path / "run")
+    run_sft(cfg, tmp_path, crash=crash, expect=17)
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == "step_00000002"
+    assert bool(list(ckpts.glob(".step_*"))) == crash.startswith("during")  # the half-written save
+    resumed = run_sft(cfg, tmp_path)
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5]
+    assert not list(ckpts.glob(".step_*"))
+    for key in ("loss", "grad_norm", "lr"):
+        assert max(abs(x - y) for x, y in zip(_curve(base, key), _curve(resumed, key))) <= 1e-6, key
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("layout", ["parallel.tp=2", "parallel.tp=1"])  # TP2, then DP2 (2 ranks, tp=1)
+def test_tp2_and_dp2_follow_the_tp1_curve(tiny, tmp_path, reference_run, layout):
+    base, _ = reference_run
+    cfg = _config(tiny, tmp_path / "run", save_every=0)
+    curve = run_sft(cfg, tmp_path, layout, nproc=2)
+    assert [r["step"] for r in curve] == [1, 2, 3, 4, 5]
+    diff = max(abs(x - y) for x, y in zip(_curve(base), _curve(curve)))
+    assert diff <= 1e-4, diff
+
+
+def test_pipeline_sft_stage_in_process(megatron, tiny, tmp_path):
+    """The pipeline's SFT stage (Megatron in this process, as `npr pipeline` runs it) trains,
+    checkpoints and exports an HF folder the engine can load."""
+    from megatron_npr.pipeline.config import PipelineConfig
+    from megatron_npr.pipeline.run import sft
+    from megatron_npr.rollout import NPREngine
+
+    hf_dir, data = tiny
+    cfg = PipelineConfig()
+    cfg.sft.max_tokens, cfg.sft.epochs = SEQ, 1
+    summary = sft(cfg, hf_dir, data, tmp_path / "sft", tmp_path / "hf")
+    assert summary["steps"] >= 2 and summary["dropped"]["kept"] == 24
+    assert (tmp_path / "sft" / "checkpoints" / "latest").is_file()
+    NPREngine.from_hf(tmp_path / "hf")
