@@ -31,7 +31,7 @@ def _run(args, cls, body) -> int:
         return _fail(str(e), 2)
     try:
         return body(cfg)
-    except (FileNotFoundError, ProblemFormatError) as e:
+    except (FileNotFoundError, ProblemFormatError, ValueError) as e:  # bad inputs: one line, no traceback
         return _fail(str(e), 2)
 
 
@@ -72,7 +72,12 @@ def cmd_pipeline(args) -> int:
     from .pipeline.run import run_pipeline
 
     def body(cfg):
-        run_pipeline(cfg)
+        import subprocess
+        try:
+            run_pipeline(cfg)
+        except subprocess.CalledProcessError as e:
+            return _fail(f"a pipeline stage failed: `{' '.join(map(str, e.cmd))}` exited {e.returncode} "
+                         "(its output is above); re-run to resume from that stage")
         return 0
     return _run(args, PipelineConfig, body)
 

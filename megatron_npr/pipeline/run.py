@@ -91,7 +91,15 @@ def rejection_sample(cfg: PipelineConfig, hf_dir: Path, problems: Path, out: Pat
 
 
 def sft(cfg: PipelineConfig, hf_dir: Path, data: Path, out: Path, export: Path) -> dict:
-    from ..training.sft import run_sft
+    """`npr sft` in a child process: the same command a user runs, and Megatron's process state
+    (CPU shim, process group, checkpoint workers) stays out of the engine's process."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    from ..config import config_to_dict
     from ..training.sft_config import DataSection, ModelSection, OptimSection, SFTConfig, TrainSection
 
     s = cfg.sft
@@ -101,13 +109,18 @@ def sft(cfg: PipelineConfig, hf_dir: Path, data: Path, out: Path, export: Path) 
                                            export_hf=str(export)),
                         optim=OptimSection(lr=s.lr, min_lr=s.min_lr, warmup_steps=s.warmup_steps,
                                            weight_decay=s.weight_decay))
-    return run_sft(sft_cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    config_path = out / "sft.yaml"
+    config_path.write_text(yaml.safe_dump(config_to_dict(sft_cfg), sort_keys=False))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT")}
+    subprocess.run([sys.executable, "-m", "megatron_npr.cli", "sft", str(config_path)], check=True, env=env)
+    return json.loads((out / "summary.json").read_text())
 
 
 def run_pipeline(cfg: PipelineConfig) -> dict:
     from ..checkpoint.tiny import write_random_qwen3
     from ..data.tokenizer import load_tokenizer
-    from ..distributed import pop_cpu_device_mode
     from ..training.sft_data import load_sft_samples
     from .bootstrap import bootstrap_tiny
     from .report import write_report
@@ -147,7 +160,6 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         sft_dir = boot_dir
     elif not sft_dir.is_dir():
         sft(cfg, boot_dir, out / "rs" / "accepted.jsonl", out / "sft", sft_dir)
-        pop_cpu_device_mode()  # Megatron's CPU shim slows the engine's plain torch code
     mark("sft")
     after = evaluate_model(cfg, sft_dir, data["eval"], out / "eval_after.json")
     mark("eval_after")
