@@ -2,12 +2,8 @@
 from __future__ import annotations
 
 import json
-import sys
 
-
-def _fail(message: str, code: int = 1) -> int:
-    print(f"npr: {message}", file=sys.stderr)
-    return code
+from .cli import _fail
 
 
 def _config(cls, args):

@@ -96,13 +96,13 @@ def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234) -> None:
 
     install_cpu_shim()
     if not dist.is_initialized():
-        if "RANK" not in os.environ:
-            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
-                              RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend)
+        if "RANK" in os.environ:  # torchrun / srun
+            dist.init_process_group(backend)
+        else:  # a world of one, rendezvous passed directly: child processes inherit no RANK/MASTER_PORT
+            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     world = dist.get_world_size()
     if world % (tp * pp):
         raise ValueError(f"world size {world} is not a multiple of tp*pp = {tp}*{pp}")

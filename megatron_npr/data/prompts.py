@@ -15,6 +15,13 @@ next <step> or <takeaway>. You may use several such blocks one after another. Fi
 answer in \\boxed{}."""
 
 
+def instruction_text(choice: str) -> str:
+    """The text a config's `instruction: npr | none` stands for."""
+    if choice not in ("npr", "none"):
+        raise ValueError(f"instruction must be 'npr' or 'none', got {choice!r}")
+    return NPR_INSTRUCTION if choice == "npr" else ""
+
+
 def chat_prompt_text(question: str, tokenizer, instruction: str = NPR_INSTRUCTION) -> str:
     """The chat-templated prompt (no system turn; thinking mode off), ending where the
     assistant's response begins."""

@@ -23,6 +23,14 @@ def default_tokenizer_dir() -> Path:
     return folder
 
 
+def tokenizer_dir_for(model_dir: str | Path, tokenizer_dir: str | Path | None = None) -> str | None:
+    """Which tokenizer goes with a model folder: `tokenizer_dir` if given, else the model folder
+    when it has a tokenizer.json, else None (load_tokenizer's bundled Qwen3 default)."""
+    if tokenizer_dir:
+        return str(tokenizer_dir)
+    return str(model_dir) if (Path(model_dir) / "tokenizer.json").is_file() else None
+
+
 def whitespace_token_ids(tokenizer) -> frozenset[int]:
     """Ids whose text is whitespace only (what the grammar allows between plans and blocks)."""
     ids = list(range(len(tokenizer)))

@@ -40,8 +40,8 @@ class DataConfig:
     instruction: Literal["npr", "none"] = "npr"  # "none": the question alone (tiny models trained without it)
 
     def instruction_text(self) -> str:
-        from ..data.prompts import NPR_INSTRUCTION
-        return NPR_INSTRUCTION if self.instruction == "npr" else ""
+        from ..data.prompts import instruction_text
+        return instruction_text(self.instruction)
 
     def __post_init__(self):
         if not str(self.path).strip():
@@ -114,21 +114,15 @@ def load_problem_set(data: DataConfig) -> ProblemSet:
 # ---------------------------------------------------------------- model
 def load_tokenizer_for(model: ModelConfig):
     """(tokenizer, TagIds) as NPREngine.from_hf picks them."""
-    from ..data.tokenizer import load_tokenizer
-    return load_tokenizer(_tokenizer_dir(model))
-
-
-def _tokenizer_dir(model: ModelConfig) -> str | None:
-    if model.tokenizer:
-        return model.tokenizer
-    return model.hf_dir if (Path(model.hf_dir) / "tokenizer.json").is_file() else None
+    from ..data.tokenizer import load_tokenizer, tokenizer_dir_for
+    return load_tokenizer(tokenizer_dir_for(model.hf_dir, model.tokenizer))
 
 
 def load_engine(model: ModelConfig):
     import torch
 
     from ..rollout import NPREngine
-    return NPREngine.from_hf(model.hf_dir, _tokenizer_dir(model), kv_slots=model.kv_slots,
+    return NPREngine.from_hf(model.hf_dir, model.tokenizer, kv_slots=model.kv_slots,
                              dtype=getattr(torch, model.dtype), device=model.device)
 
 

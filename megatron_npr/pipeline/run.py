@@ -15,8 +15,6 @@ from pathlib import Path
 from ..data.synth import make_synth_dataset
 from .config import PipelineConfig
 
-STAGES = ("model", "data", "bootstrap", "eval_before", "sample", "sft", "eval_after", "report")
-
 
 def _write_jsonl(path: Path, rows) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -47,33 +45,22 @@ def make_data(cfg: PipelineConfig, out: Path) -> dict[str, Path]:
     return paths
 
 
-def _engine(hf_dir: Path):
-    from ..rollout import NPREngine
-    return NPREngine.from_hf(hf_dir, kv_slots=1 << 17)
-
-
 def evaluate_model(cfg: PipelineConfig, hf_dir: Path, eval_path: Path, out_json: Path) -> dict:
-    from ..data.problems import load_problems
-    from ..data.tokenizer import load_tokenizer
-    from ..eval.runner import evaluate
-    from ..rollout import SamplingParams
+    """`npr eval` on the held-out set (greedy by default, parallel decoding, exact-integer grading)."""
+    from ..eval.common import DataConfig, GraderConfig, ModelConfig
+    from ..eval.runner import EvalConfig, EvalSamplingConfig, run_eval
 
     if out_json.is_file():
         return json.loads(out_json.read_text())
-    problems = load_problems(eval_path, source="synth")
-    tokenizer, tags = load_tokenizer(hf_dir)
     e = cfg.eval
-    params = SamplingParams(n=e.n, temperature=e.temperature, max_new_tokens=e.max_new_tokens, parallel=True)
-    with open_grader_for(problems) as grader:
-        result = evaluate(_engine(hf_dir), tokenizer, tags, problems, params, grader, instruction="",
-                          measure_speedup=e.measure_speedup, batch_problems=e.batch_problems).to_json()
+    result = run_eval(EvalConfig(model=ModelConfig(hf_dir=str(hf_dir), kv_slots=1 << 17),
+                                 data=DataConfig(path=str(eval_path), source="synth", instruction="none"),
+                                 sampling=EvalSamplingConfig(n=e.n, temperature=e.temperature,
+                                                             max_new_tokens=e.max_new_tokens, parallel=True),
+                                 grader=GraderConfig(kind="exact_int"), batch_problems=e.batch_problems,
+                                 measure_speedup=e.measure_speedup)).to_json()
     out_json.write_text(json.dumps(result, indent=2))
     return result
-
-
-def open_grader_for(problems):
-    from ..eval.common import GraderConfig, open_grader
-    return open_grader(GraderConfig(kind="exact_int"), problems)
 
 
 def rejection_sample(cfg: PipelineConfig, hf_dir: Path, problems: Path, out: Path) -> dict:
@@ -93,7 +80,6 @@ def rejection_sample(cfg: PipelineConfig, hf_dir: Path, problems: Path, out: Pat
 def sft(cfg: PipelineConfig, hf_dir: Path, data: Path, out: Path, export: Path) -> dict:
     """`npr sft` in a child process: the same command a user runs, and Megatron's process state
     (CPU shim, process group, checkpoint workers) stays out of the engine's process."""
-    import os
     import subprocess
     import sys
 
@@ -112,9 +98,7 @@ def sft(cfg: PipelineConfig, hf_dir: Path, data: Path, out: Path, export: Path) 
     out.mkdir(parents=True, exist_ok=True)
     config_path = out / "sft.yaml"
     config_path.write_text(yaml.safe_dump(config_to_dict(sft_cfg), sort_keys=False))
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                            "MASTER_PORT")}
-    subprocess.run([sys.executable, "-m", "megatron_npr.cli", "sft", str(config_path)], check=True, env=env)
+    subprocess.run([sys.executable, "-m", "megatron_npr.cli", "sft", str(config_path)], check=True)
     return json.loads((out / "summary.json").read_text())
 
 

@@ -35,12 +35,10 @@ class NPREngine:
         """An HF Qwen3 folder; the tokenizer (with the NPR tags) from `tokenizer_dir`, the model
         folder if it has one, else the bundled Qwen3 tokenizer."""
         from ..checkpoint import open_hf_weights, read_hf_config
-        from ..data.tokenizer import load_tokenizer
+        from ..data.tokenizer import load_tokenizer, tokenizer_dir_for
 
         hf_dir = Path(hf_dir)
-        if tokenizer_dir is None and (hf_dir / "tokenizer.json").is_file():
-            tokenizer_dir = hf_dir
-        tokenizer, tags = load_tokenizer(tokenizer_dir)
+        tokenizer, tags = load_tokenizer(tokenizer_dir_for(hf_dir, tokenizer_dir))
         eos = {tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id} - {None}
         with open_hf_weights(hf_dir) as weights:
             return cls(read_hf_config(hf_dir), weights, tags=tags, eos_ids=eos,

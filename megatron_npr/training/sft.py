@@ -50,12 +50,6 @@ def _dtype(name: str) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
 
 
-def _tokenizer_dir(cfg: SFTConfig) -> str | None:
-    if cfg.model.tokenizer:
-        return cfg.model.tokenizer
-    return cfg.model.hf_dir if (Path(cfg.model.hf_dir) / "tokenizer.json").is_file() else None
-
-
 def _ensure_distributed(cfg: SFTConfig) -> None:
     from megatron.core import parallel_state as ps
 
@@ -108,21 +102,21 @@ def setup_sft(cfg: SFTConfig) -> SFTRun:
     from megatron.core import parallel_state as ps
 
     from ..checkpoint import read_hf_config
-    from ..data.prompts import NPR_INSTRUCTION
-    from ..data.tokenizer import load_tokenizer
+    from ..data.prompts import instruction_text
+    from ..data.tokenizer import load_tokenizer, tokenizer_dir_for
     from .loader import PackedLoader
     from .sft_data import load_sft_samples
 
     _ensure_distributed(cfg)
     out_dir = Path(cfg.train.out_dir)
-    tokenizer, tags = load_tokenizer(_tokenizer_dir(cfg))
+    tokenizer, tags = load_tokenizer(tokenizer_dir_for(cfg.model.hf_dir, cfg.model.tokenizer))
     hf_config = read_hf_config(cfg.model.hf_dir)
     if max(tags.ids) >= hf_config["vocab_size"]:
         raise ValueError(f"{cfg.model.hf_dir}: vocab_size {hf_config['vocab_size']} has no rows for the NPR tags "
                          f"{tags.ids}; convert it with `tools/convert_hf.py hf-to-mcore --add-npr-tokens`")
     samples, drops = load_sft_samples(cfg.data.path, tokenizer, tags, max_depth=cfg.data.max_depth,
                                       max_tokens=cfg.data.max_tokens,
-                                      instruction=NPR_INSTRUCTION if cfg.data.instruction == "npr" else "")
+                                      instruction=instruction_text(cfg.data.instruction))
     if not samples:
         raise ValueError(f"{cfg.data.path}: no usable SFT samples ({drops.summary()})")
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
