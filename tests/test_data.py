@@ -90,3 +90,15 @@ def test_npr_data_synth_command(tmp_path, capsys):
     assert main(["data", "synth", "--out", str(tmp_path / "x.jsonl"), "--n", "0"]) == 2
     assert main(["data", "synth", "--out", str(tmp_path / "missing" / "x.jsonl"), "--n", "2"]) == 2
     assert not (tmp_path / "missing").exists()
+
+
+def test_problem_records_round_trip_with_their_ids(tmp_path):
+    """Problems written with to_json() read back unchanged: ids are not prefixed a second time
+    (problem ids seed the samplers and key resumed runs). Plain ids still get the source."""
+    from megatron_npr.data.problems import Problem
+    problems = [p for p, _ in make_synth_dataset(5, seed=3)]
+    path = tmp_path / "synth.jsonl"
+    path.write_text("".join(json.dumps(p.to_json()) + "\n" for p in problems))
+    assert load_problems(path, source="synth") == problems and problems[0].id == "synth-0"
+    path.write_text(json.dumps({"id": 7, "question": "q?", "answer": "1"}) + "\n")
+    assert load_problems(path, source="aime") == [Problem("aime-7", "q?", "1", "aime")]

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from megatron_npr.rollout import NPREngine, SamplingParams, Script
+from megatron_npr.rollout import NPREngine, SamplingParams, Script, logprob_mismatch
 from megatron_npr.rollout import engine as engine_module
 from megatron_npr.topology import parse_structure
 from model_fixtures import additive_mask, megatron_from_hf, tiny_hf_model
@@ -15,6 +15,7 @@ PROMPT = [5, 6, 7, 8, 9, 10]
 FLAT = [11, G, P, 12, p, P, 13, p, g, S, 51, 14, 15, s, S, 52, 16, 17, 18, s, K, 19, k, 20, EOS]
 ROUNDS = [G, P, 12, p, P, 13, p, P, 21, p, g, S, 51, 14, s, S, 52, 16, 17, s, S, 53, 22, 23, 24, 25, s,
           K, 19, k, G, P, 26, p, g, S, 51, 27, 28, s, K, 29, k, 30, 31, EOS]
+LONG_PROMPT = [1 + (i * 37) % 45 for i in range(1100)]  # > the default prefill_chunk (512): three chunks
 NESTED = [G, P, 12, p, P, 13, p, g, S, 51, 14, G, P, 32, p, P, 33, p, g, S, 51, 34, s, S, 52, 35, 36, s,
           K, 37, k, 38, s, S, 52, 16, s, K, 19, k, 20, EOS]
 
@@ -39,7 +40,7 @@ def hf_logprobs(hf, rollout, shift_at=None):
 
 
 def sampled_diff(rollout, reference):
-    return max(abs(a - b) for a, b, f in zip(rollout.logprobs, reference, rollout.forced_mask) if not f)
+    return logprob_mismatch(rollout, reference).max().item()
 
 
 @pytest.mark.parametrize("tied", [False, True])
@@ -54,18 +55,32 @@ def test_logprobs_equal_hf_over_the_full_sequence(tied, response, depth):
     assert sampled_diff(rollout, hf_logprobs(hf, rollout, shift_at=branch_token)) > 1e-3  # negative control
 
 
+@pytest.mark.parametrize("prompt,response,chunk", [(PROMPT, FLAT, 512), (PROMPT, ROUNDS, 4),
+                                                   (LONG_PROMPT, ROUNDS, 512), (LONG_PROMPT[:700], FLAT, 96)],
+                         ids=["short", "short-4-chunks", "1100-3-chunks", "700-8-chunks"])
+def test_chunked_prefill_logprobs_equal_hf(prompt, response, chunk):
+    """Prompts longer than the prefill chunk: every chunk's queries see the chunks before them."""
+    hf = tiny_hf_model()
+    rollout = make_engine(hf, prefill_chunk=chunk).generate([prompt], SamplingParams(max_new_tokens=80),
+                                                            replay=[response])[0]
+    assert rollout.finish_reason == "stop" and rollout.response_start == len(prompt)
+    assert sampled_diff(rollout, hf_logprobs(hf, rollout)) <= 1e-5
+
+
 def test_logprobs_equal_the_megatron_trainer(megatron):
     from megatron_npr.models import NPRBatch, token_logprobs
     from megatron_npr.topology import PackSample, pack
 
     hf = tiny_hf_model()
-    rollouts = make_engine(hf).generate([PROMPT, PROMPT[:3]], SamplingParams(max_new_tokens=80),
-                                        replay=[FLAT, ROUNDS])
+    rollouts = make_engine(hf, prefill_chunk=64).generate([PROMPT, PROMPT[:3], LONG_PROMPT[:300]],
+                                                          SamplingParams(max_new_tokens=80, max_depth=2),
+                                                          replay=[FLAT, ROUNDS, NESTED])
     model = megatron_from_hf(hf)
     for r in rollouts:
+        assert r.finish_reason == "stop"
         batch = NPRBatch.from_rows(pack([PackSample(torch.tensor(r.token_ids), torch.ones(len(r.token_ids),
                                                                                              dtype=torch.bool),
-                                                    r.layout)], 256))
+                                                    r.layout)], 512))
         with torch.no_grad():
             lp = token_logprobs(model.eval(), batch)[0]
         reference = [lp[i - 1].item() for i in range(r.response_start, len(r.token_ids))]
@@ -84,6 +99,34 @@ def test_structure_and_forced_tokens():
     assert sequential.token_ids == rollout.token_ids and not any(sequential.forced_mask)
     assert sequential.positions == list(range(len(sequential.token_ids)))
     assert torch.equal(sequential.layout.dense_mask(), torch.ones(len(ROUNDS) + 6, len(ROUNDS) + 6).tril().bool())
+
+
+@pytest.mark.parametrize("response,depth", [(ROUNDS, 1), (NESTED, 2)], ids=["rounds", "nested"])
+def test_forced_token_logprobs_are_scored_in_the_engines_context(response, depth):
+    """What `Rollout.logprobs` holds for inserted tokens: every branch's `<step>` is scored from
+    the trunk after `</guideline>` (the first branch's context), which the flattened sequence
+    does not reproduce for branches j >= 2; labels and `<takeaway>` agree with the sequence."""
+    hf = tiny_hf_model()
+    rollout = make_engine(hf).generate([PROMPT], SamplingParams(max_new_tokens=80, max_depth=depth),
+                                       replay=[response])[0]
+    flat, r0 = hf_logprobs(hf, rollout), rollout.response_start
+    step_opens = set()
+    for block in parse_structure(rollout.token_ids, TAGS, r0, depth).iter_blocks():
+        opens = [b.start - r0 for b in block.branches]
+        step_opens |= set(opens)
+        assert all(rollout.forced_mask[i] for i in opens)
+        assert max(abs(rollout.logprobs[i] - flat[opens[0]]) for i in opens) <= 1e-5
+        assert all(abs(rollout.logprobs[i] - flat[i]) > 1e-3 for i in opens[1:])
+    others = [i for i, f in enumerate(rollout.forced_mask) if f and i not in step_opens]
+    assert others and max(abs(rollout.logprobs[i] - flat[i]) for i in others) <= 1e-5
+    # the one mismatch function leaves every forced token out, and sees any sampled one
+    assert logprob_mismatch(rollout, flat).max() <= 1e-5
+    assert len(logprob_mismatch(rollout, flat)) == len(flat) - sum(rollout.forced_mask)
+    wrong = list(flat)
+    wrong[rollout.forced_mask.index(False)] += 0.5
+    assert logprob_mismatch(rollout, wrong).max() >= 0.5 - 1e-5
+    with pytest.raises(ValueError, match="trainer log-probs"):
+        logprob_mismatch(rollout, flat[:-1])
 
 
 def test_token_budget_counts_every_branch_and_stops_them_together():

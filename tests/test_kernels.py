@@ -70,26 +70,45 @@ def qkv(layout, hq=4, hkv=2, d=32, dtype=torch.float32, device="cpu", seed=0):
     return [torch.randn(b, n, h, d, generator=gen).to(device, dtype) for h in (hq, hkv, hkv)]
 
 
-@pytest.mark.parametrize("seed", range(6))
-def test_tile_classification_is_exact(seed):
-    layout = random_layout(seed)
-    padded = layout.padded(bucket_length(layout.shape[2]))
-    any_vis, all_vis = classify_tiles(padded)
-    b, _, n = padded.shape
-    tiles = padded.visible().view(b, n // 128, 128, n // 128, 128)
-    assert torch.equal(any_vis, tiles.any(4).any(2)) and torch.equal(all_vis, tiles.all(4).all(2))
+def dense_tiles(layout: AttentionLayout):
+    """(any visible, all visible) per 128 x 128 tile, from the whole dense mask at once."""
+    b, _, n = layout.shape
+    tiles = layout.visible().view(b, n // 128, 128, n // 128, 128)
+    return tiles.any(4).any(2), tiles.all(4).all(2)
+
+
+def assert_exact_tiles(padded: AttentionLayout, row_chunk: int = kernel.ROW_CHUNK):
+    any_vis, all_vis = classify_tiles(padded, row_chunk=row_chunk)
+    ref_any, ref_all = dense_tiles(padded)
+    assert torch.equal(any_vis, ref_any) and torch.equal(all_vis, ref_all)
     assert (any_vis & ~all_vis).any() and all_vis.any()  # both kinds of tile occur
-    dense = build_block_mask(padded).to_dense()[:, 0].bool()
-    assert torch.equal(dense, any_vis)
+    assert torch.equal(build_block_mask(padded, row_chunk=row_chunk).to_dense()[:, 0].bool(), any_vis)
+
+
+# row_chunk 128 / 384 / 1024: 16 / 6 (the last one short) / 2 chunks of the 2048-token rows; 2048: one
+@pytest.mark.parametrize("seed,row_chunk", [(0, 2048), (1, 2048), (2, 128), (3, 384), (4, 1024), (5, 384)])
+def test_tile_classification_is_exact(seed, row_chunk):
+    layout = random_layout(seed)
+    assert_exact_tiles(layout.padded(bucket_length(layout.shape[2])), row_chunk)
+
+
+def test_tile_classification_is_exact_over_several_default_row_chunks():
+    """A packed row of about 6k tokens (several documents, rounds, nesting): three default chunks."""
+    layout = random_layout(7, max_tokens=6000, scale=400, rows=1)
+    assert layout.shape[0] == 1 and 4096 < layout.shape[2] <= 6000 and len(layout.doc_start.unique()) >= 2
+    padded = layout.padded(bucket_length(layout.shape[2]))
+    assert padded.shape[2] > 2 * kernel.ROW_CHUNK
+    assert_exact_tiles(padded)
 
 
 def test_compiled_flex_matches_dense_sdpa_and_float64():
-    """CPU forward (flex has no CPU backward); all layouts land in the 2048 bucket: one compile."""
-    for seed in range(3):
-        layout = random_layout(10 + seed)
+    """CPU forward (flex has no CPU backward); all layouts land in the 2048 bucket: one compile.
+    The last two block masks are classified in 256- and 640-row chunks (8 and 4 chunks)."""
+    for seed, row_chunk in ((10, kernel.ROW_CHUNK), (11, 256), (12, 640)):
+        layout = random_layout(seed)
         assert 1024 < layout.shape[2] <= 2048 and layout.shape[2] % 128
         q, k, v = qkv(layout, seed=seed)
-        out = npr_attention(q, k, v, layout, "flex")
+        out = npr_attention(q, k, v, prepare_flex(layout, row_chunk=row_chunk), "flex")
         assert (out - npr_attention(q, k, v, layout, "sdpa")).abs().max() <= 2e-5
         assert (out.double() - naive_float64(q, k, v, layout)).abs().max() <= 2e-5
 

@@ -98,8 +98,18 @@ def test_flex_backend_matches_sdpa_and_hf(megatron):
             token_logprobs(model.train(), batch)
 
 
-def test_unavailable_backends_fail_clearly(megatron):
+def test_unavailable_backends_fail_clearly(megatron, monkeypatch):
+    """Checked on every machine: transformer-engine missing, or present without a GPU, or an
+    unknown backend name, each fails before a model is built, naming what is missing."""
+    import sys
+    import types
     cfg = transformer_config_from_hf(tiny_hf_model().config, dtype=torch.float32)
-    if not torch.cuda.is_available():
-        with pytest.raises(RuntimeError, match="transformer-engine"):
-            build_model(cfg, attention_backend="te")
+    monkeypatch.setitem(sys.modules, "transformer_engine", None)  # `import transformer_engine` fails
+    with pytest.raises(RuntimeError, match="needs transformer-engine and CUDA"):
+        build_model(cfg, attention_backend="te")
+    monkeypatch.setitem(sys.modules, "transformer_engine", types.ModuleType("transformer_engine"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="no GPU"):
+        build_model(cfg, attention_backend="te")
+    with pytest.raises(ValueError, match="'fa3'; choose one of"):
+        build_model(cfg, attention_backend="fa3")

@@ -96,7 +96,12 @@ def test_tags_in_the_prompt_are_text():
 
 
 def test_whitespace_only_between_blocks_is_allowed():
-    parse_structure(dsl("G P a p g S a s K a k _ _ G P a p g S a s K a k a"), TAGS)
+    ids = dsl("G P a p g S a s K a k _ _ G P a p g S a s K a k a")
+    structure = parse_structure(ids, TAGS)
+    assert [b.start for b in structure.blocks] == [0, 13] and find_defects(ids, TAGS) == []
+    with pytest.raises(TopologyError) as e:  # text there is not whitespace: a defect at its index
+        parse_structure(dsl("G P a p g S a s K a k _ a G P a p g S a s K a k a"), TAGS)
+    assert (e.value.reason, e.value.index) == ("text_between_blocks", 12)
 
 
 def test_multiple_defects_are_all_collected():

@@ -82,7 +82,9 @@ def _benchmark_record(record, source: str, index: int) -> Problem:
     if "options" in record or "gpqa" in source.lower():
         answer = _gpqa_letter(answer)
     ident = next((str(record[k]) for k in ("id", "problem_idx", "unique_id") if record.get(k) is not None), str(index))
-    return Problem(f"{source}-{ident}", question.strip(), answer, source)
+    if not ident.startswith(f"{source}-"):  # a file of Problem.to_json() records keeps its ids
+        ident = f"{source}-{ident}"
+    return Problem(ident, question.strip(), answer, source)
 
 
 def load_problems(path: str | Path, *, source: str | None = None, skip_bad: bool = False) -> list[Problem]:

@@ -89,16 +89,17 @@ def _tile_lists(flags: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return count[:, None], order[:, None]
 
 
-def classify_tiles(layout: AttentionLayout, block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
-    """(any visible, all visible) per tile, bool [b, s/block, s/block], from ROW_CHUNK query
-    rows at a time: scratch memory is ROW_CHUNK x s, never s x s."""
+def classify_tiles(layout: AttentionLayout, block: int = BLOCK,
+                   row_chunk: int = ROW_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+    """(any visible, all visible) per tile, bool [b, s/block, s/block], from `row_chunk` query
+    rows at a time (rounded down to whole tiles): scratch memory is row_chunk x s, never s x s."""
     b, _, s = layout.shape
     if s % block:
         raise ValueError(f"sequence length {s} must be a multiple of the block size {block} (pad it)")
     n = s // block
     any_vis = torch.zeros(b, n, n, dtype=torch.bool, device=layout.doc_start.device)
     all_vis = torch.zeros_like(any_vis)
-    chunk = max(block, ROW_CHUNK // block * block)
+    chunk = max(block, row_chunk // block * block)
     for start in range(0, s, chunk):
         vis = layout.visible(slice(start, min(s, start + chunk))).view(b, -1, block, n, block)
         rows = slice(start // block, start // block + vis.shape[1])
@@ -107,12 +108,12 @@ def classify_tiles(layout: AttentionLayout, block: int = BLOCK) -> tuple[torch.T
     return any_vis, all_vis
 
 
-def build_block_mask(layout: AttentionLayout, block: int = BLOCK):
+def build_block_mask(layout: AttentionLayout, block: int = BLOCK, row_chunk: int = ROW_CHUNK):
     """Exact FlexAttention BlockMask: a tile is full if every pair in it is visible, empty if
     none is, partial otherwise; the kernel evaluates mask_mod only on partial tiles."""
     from torch.nn.attention.flex_attention import BlockMask
 
-    any_vis, all_vis = classify_tiles(layout, block)
+    any_vis, all_vis = classify_tiles(layout, block, row_chunk)
     partial_n, partial_idx = _tile_lists(any_vis & ~all_vis)
     full_n, full_idx = _tile_lists(all_vis)
     return BlockMask.from_kv_blocks(kv_num_blocks=partial_n, kv_indices=partial_idx, full_kv_num_blocks=full_n,
@@ -127,9 +128,9 @@ class FlexInputs:
     length: int  # the bucketed length
 
 
-def prepare_flex(layout: AttentionLayout, bucket: int = BUCKET) -> FlexInputs:
+def prepare_flex(layout: AttentionLayout, bucket: int = BUCKET, row_chunk: int = ROW_CHUNK) -> FlexInputs:
     length = bucket_length(layout.shape[2], bucket)
-    return FlexInputs(layout, build_block_mask(layout.padded(length)), length)
+    return FlexInputs(layout, build_block_mask(layout.padded(length), row_chunk=row_chunk), length)
 
 
 _COMPILED = {}
