@@ -51,24 +51,18 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_data_synth(args: argparse.Namespace) -> int:
-    import json
-
     from .data.synth import make_synth_dataset
+    from .io import write_jsonl_atomic
 
     try:
         pairs = make_synth_dataset(args.n, tuple(args.parts), args.digits, args.seed)
     except ValueError as e:
         return _fail(str(e), 2)
     out = Path(args.out)
-    tmp = out.with_name(out.name + ".tmp")
+    rows = [problem.to_json() | ({"solution": solution} if args.solutions else {}) for problem, solution in pairs]
     try:
-        with tmp.open("w", encoding="utf-8") as f:
-            for problem, solution in pairs:
-                record = problem.to_json() | ({"solution": solution} if args.solutions else {})
-                f.write(json.dumps(record) + "\n")
-        tmp.replace(out)  # all or nothing
+        write_jsonl_atomic(out, rows, make_parents=False)  # all or nothing
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         return _fail(f"cannot write {out}: {e}", 2)
     print(f"wrote {len(pairs)} problems to {out}")
     return 0
@@ -98,8 +92,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Megatron-Core warns once per module that it falls back to torch without Transformer Engine or
+# Apex: expected on a CPU, where neither can run, so silenced there (and only there, only those).
+MEGATRON_FALLBACK_WARNING = r"(Transformer Engine and )?Apex (is|are) not installed"
+
+
+def quiet_expected_cpu_warnings() -> None:
+    import warnings
+
+    import torch
+    if not torch.cuda.is_available():
+        warnings.filterwarnings("ignore", message=MEGATRON_FALLBACK_WARNING, category=UserWarning,
+                                module=r"megatron\.")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    quiet_expected_cpu_warnings()
     return args.func(args)
 
 

@@ -20,6 +20,7 @@ def _run(args, cls, body) -> int:
     """Load the config, run `body(cfg)`; bad configs and bad inputs exit 2 with one clear line."""
     from .config import ConfigError
     from .data.problems import ProblemFormatError
+    from .io import OutputError
 
     try:
         cfg = _config(cls, args)
@@ -27,7 +28,7 @@ def _run(args, cls, body) -> int:
         return _fail(str(e), 2)
     try:
         return body(cfg)
-    except (FileNotFoundError, ProblemFormatError, ValueError) as e:  # bad inputs: one line, no traceback
+    except (FileNotFoundError, OutputError, ProblemFormatError, ValueError) as e:  # bad inputs: one line
         return _fail(str(e), 2)
 
 

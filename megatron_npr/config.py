@@ -3,8 +3,10 @@
     cfg = load_config(SFTConfig, "examples/tiny/sft.yaml", ["optim.lr=2e-5", "data.max_tokens=4096"])
 
 Errors name the file and the dotted key (with a suggestion for a misspelt one). Nested dataclass
-fields are sections; a dataclass's own `__post_init__` checks run after loading and their
-message is reported with the section's key.
+fields are sections; a section's keys override its parent's default for it (a field declared
+`sampling: SamplingParams = field(default_factory=lambda: SamplingParams(parallel=False))` keeps
+`parallel: false` unless the YAML sets it). A dataclass's own `__post_init__` checks run after
+loading and their message is reported with the section's key.
 """
 from __future__ import annotations
 
@@ -24,19 +26,19 @@ class ConfigError(ValueError):
     """A bad config: the message names the source (file or override) and the key."""
 
 
-def _convert(value: Any, hint: Any, key: str, where: str) -> Any:
+def _convert(value: Any, hint: Any, key: str, where: str, base: Any = None) -> Any:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if dataclasses.is_dataclass(hint):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: '{key}' must be a mapping (a section), got {value!r}")
-        return _build(hint, value, key, where)
+        return _build(hint, value, key, where, base if isinstance(base, hint) else None)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         errors = []
         for option in (a for a in args if a is not type(None)):
             try:
-                return _convert(value, option, key, where)
+                return _convert(value, option, key, where, base)
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[0] if errors else f"{where}: '{key}' has no usable type")
@@ -64,7 +66,17 @@ def _convert(value: Any, hint: Any, key: str, where: str) -> Any:
     return value
 
 
-def _build(cls, data: dict, prefix: str, where: str):
+def _default(f: dataclasses.Field, base: Any) -> Any:
+    if base is not None:
+        return getattr(base, f.name)
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None if f.default is dataclasses.MISSING else f.default
+
+
+def _build(cls, data: dict, prefix: str, where: str, base: Any = None):
+    """An instance of `cls` from `data`; fields not in `data` keep `base`'s values (else the class
+    defaults)."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     for name in data:
@@ -75,11 +87,11 @@ def _build(cls, data: dict, prefix: str, where: str):
     kwargs = {}
     for name, f in fields.items():
         if name in data:
-            kwargs[name] = _convert(data[name], hints[name], _join(prefix, name), where)
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            kwargs[name] = _convert(data[name], hints[name], _join(prefix, name), where, _default(f, base))
+        elif base is None and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{where}: missing required key '{_join(prefix, name)}'")
     try:
-        return cls(**kwargs)
+        return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"{where}: {prefix or 'config'}: {e}") from None
 

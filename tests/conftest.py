@@ -28,3 +28,10 @@ def qwen():
     """The real Qwen3 tokenizer with the NPR tags: (tokenizer, TagIds)."""
     from megatron_npr.data.tokenizer import load_tokenizer
     return load_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def vocab(qwen):
+    """The same tokenizer as one NPRVocab (what every stage takes)."""
+    from megatron_npr.data.tokenizer import NPRVocab
+    return NPRVocab(*qwen)

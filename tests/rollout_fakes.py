@@ -52,7 +52,7 @@ class ReplayEngine:
         self.responses = {tuple(prompt_ids(q, tokenizer)): response_ids(tokenizer, text)
                           for q, text in responses.items()}
 
-    def generate(self, prompts, params, replay=None, seeds=None):
+    def generate(self, prompts, params, *, replay=None, seeds=None):
         if replay is None:
             replay = [self.responses[tuple(p)] for p in prompts]
         return self.engine.generate(prompts, params, replay=replay, seeds=seeds)
@@ -70,7 +70,7 @@ class ScriptedEngine:
         self.seeds: dict[str, list[int]] = defaultdict(list)  # question -> seed of each call
         self.calls = 0
 
-    def generate(self, prompts, params, replay=None, seeds=None):
+    def generate(self, prompts, params, *, replay=None, seeds=None):
         self.calls += 1
         if self.calls == self.crash_on_call:
             raise RuntimeError("simulated crash")

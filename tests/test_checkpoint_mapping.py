@@ -1,4 +1,5 @@
-"""HF Qwen3 <-> Megatron-Core mapping, TP/PP sharding, and HF folder I/O, on a tiny random model."""
+"""HF Qwen3 <-> Megatron-Core mapping, TP/PP sharding, HF folder I/O, and the one HF Qwen3 reader that
+the Megatron config, the mapping and the rollout engine share; on tiny random models."""
 import json
 import shutil
 
@@ -13,6 +14,8 @@ from megatron_npr.checkpoint import (
     mcore_to_hf, open_hf_weights, read_hf_config, shard_for_tp, split_qkv, stage_layers,
     stage_of_layer, unshard_tp, write_hf_weights,
 )
+from megatron_npr.io import OutputError
+from megatron_npr.models.qwen3_hf import ModelConfigError, Qwen3Spec, layer_prefix, layer_shapes, tensor_shapes
 
 NH, NG, HD, H, FFN, LAYERS, VOCAB = 4, 2, 16, 64, 128, 4, 256
 
@@ -138,10 +141,10 @@ def test_qkv_rows_are_grouped_per_kv_head(untied):
     assert not torch.equal(torch.cat([q, k, v], dim=0), qkv)
 
 
-@given(ng=st.integers(1, 3), per=st.integers(1, 3), hd=st.sampled_from([1, 2, 4]), hidden=st.integers(1, 5))
+@given(ng=st.integers(1, 3), per=st.integers(1, 3), hd=st.sampled_from([2, 4, 6]), hidden=st.integers(1, 5))
 def test_qkv_fuse_split_round_trip(ng, per, hd, hidden):
-    dims = dict(num_attention_heads=ng * per, num_key_value_heads=ng, head_dim=hd, hidden_size=hidden,
-                num_hidden_layers=1)
+    dims = Qwen3Spec(vocab_size=1, hidden_size=hidden, intermediate_size=1, num_layers=1, num_heads=ng * per,
+                     num_kv_heads=ng, head_dim=hd, rms_norm_eps=1e-6, rope_theta=1e6, tie_word_embeddings=False)
     q, k, v = torch.randn(ng * per * hd, hidden), torch.randn(ng * hd, hidden), torch.randn(ng * hd, hidden)
     for got, want in zip(split_qkv(fuse_qkv(q, k, v, dims), dims), (q, k, v)):
         assert torch.equal(got, want)
@@ -341,6 +344,87 @@ def test_atomic_output_dir(tmp_path):
     with atomic_output_dir(target) as temp:
         (temp / "done.txt").write_text("ok")
     assert [p.name for p in tmp_path.iterdir()] == ["out"] and (target / "done.txt").is_file()
-    with pytest.raises(CheckpointError, match="already exists"):
+    with pytest.raises(OutputError, match="already exists"):  # the shared megatron_npr.io helper
         with atomic_output_dir(target):
             pass
+
+
+# ---- one HF Qwen3 reader (models/qwen3_hf.py) for the Megatron config, the mapping and the engine ----
+
+FIELDS = {"model_type": "qwen3", "vocab_size": VOCAB, "hidden_size": H, "intermediate_size": FFN,
+          "num_hidden_layers": LAYERS, "num_attention_heads": NH, "num_key_value_heads": NG, "head_dim": HD,
+          "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
+LAYOUTS = {"transformers4": {**FIELDS, "rope_theta": 5e5},
+           "transformers5": {**FIELDS, "rope_parameters": {"rope_type": "default", "rope_theta": 5e5}}}
+
+
+def random_state(spec: Qwen3Spec) -> dict:
+    gen = torch.Generator().manual_seed(0)
+    return {name: torch.randn(shape, generator=gen) for name, shape in tensor_shapes(spec).items()}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_every_reader_reads_both_transformers_layouts_alike(layout, tmp_path):
+    from megatron_npr.models import transformer_config_from_hf
+    from megatron_npr.rollout.qwen3_torch import Qwen3Weights
+
+    cfg = LAYOUTS[layout]
+    spec = Qwen3Spec.from_hf_config(cfg)
+    assert spec == Qwen3Spec(vocab_size=VOCAB, hidden_size=H, intermediate_size=FFN, num_layers=LAYERS,
+                             num_heads=NH, num_kv_heads=NG, head_dim=HD, rms_norm_eps=1e-5, rope_theta=5e5,
+                             tie_word_embeddings=False)
+    folder = write_config(tmp_path / "hf", **cfg)
+    assert read_hf_config(folder) == read_hf_config(folder / "config.json") == {
+        **cfg, "architectures": ["Qwen3ForCausalLM"]}
+    assert Qwen3Spec.from_hf_config(folder) == spec
+    megatron = transformer_config_from_hf(cfg, dtype=torch.float32)
+    assert (megatron.rotary_base, megatron.layernorm_epsilon, megatron.num_query_groups, megatron.kv_channels) == \
+        (5e5, 1e-5, NG, HD)
+    state = random_state(spec)
+    assert Qwen3Weights(spec, state).spec == spec
+    assert_same_tensors(hf_to_mcore(state, cfg), hf_to_mcore(state, spec))
+
+
+@pytest.mark.parametrize("change,message", [
+    ({}, "config field rope_theta is missing"),
+    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 5e5}}, "rope scaling 'yarn'"),
+    ({"rope_theta": 5e5, "rope_scaling": {"type": "linear", "factor": 2.0}}, "rope scaling 'linear'"),
+    ({"rope_theta": 5e5, "attention_bias": True}, "attention_bias=true"),
+    ({"rope_theta": 5e5, "num_key_value_heads": 3}, "num_key_value_heads=3 does not divide num_attention_heads=4"),
+    ({"rope_theta": 5e5, "vocab_size": None}, "vocab_size must be a positive integer"),
+])
+def test_every_reader_refuses_the_same_configs_with_the_same_line(change, message, tmp_path):
+    from megatron_npr.models import transformer_config_from_hf
+    from megatron_npr.rollout.qwen3_torch import Qwen3Weights
+
+    cfg = {**FIELDS, **change}
+    folder = write_config(tmp_path / "hf", **cfg)
+    readers = [Qwen3Spec.from_hf_config, transformer_config_from_hf, lambda c: hf_to_mcore({}, c),
+               lambda c: check_parallel_sizes(c, 1), lambda _: Qwen3Weights.from_hf(folder)]
+    errors = []
+    for read in readers:
+        with pytest.raises(ModelConfigError) as info:
+            read(cfg)
+        errors.append(str(info.value))
+    assert message in errors[0] and "\n" not in errors[0] and set(errors) == {errors[0]}
+
+
+def test_engine_loader_and_mapping_check_one_shape_table():
+    from megatron_npr.rollout.qwen3_torch import Qwen3Weights
+
+    for tied in (False, True):
+        spec = Qwen3Spec.from_hf_config({**LAYOUTS["transformers4"], "tie_word_embeddings": tied})
+        table, state = tensor_shapes(spec), RecordingState(random_state(spec))
+        assert Qwen3Weights(spec, state).shapes == table
+        state.read.clear()
+        hf_to_mcore(state, spec)
+        assert state.read == set(table)  # the mapping reads every tensor of the table, and nothing else
+        assert ("lm_head.weight" in table) != tied
+    for i in range(LAYERS):
+        assert set(layer_names_hf(i)) == {layer_prefix(i) + name for name in layer_shapes(spec)}
+    state = random_state(spec)
+    state["model.layers.1.self_attn.o_proj.weight"] = torch.zeros(H, NH * HD + 1)
+    with pytest.raises(CheckpointError, match=r"o_proj.*\(64, 65\), expected \(64, 64\)"):
+        hf_to_mcore(state, spec)
+    with pytest.raises(ValueError, match=r"o_proj.*\(64, 65\), expected \(64, 64\)"):
+        Qwen3Weights(spec, state)

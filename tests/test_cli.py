@@ -47,3 +47,16 @@ def test_empty_think_block_of_the_thinking_off_template_belongs_to_the_prompt(qw
     assert tokenizer.decode(ids[start:]) == "Hi"
     ids, start = tokenize_trajectory("<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\nHi", tokenizer)
     assert tokenizer.decode(ids[start:]) == "Hi"
+
+
+def test_only_megatrons_expected_cpu_fallback_warnings_are_silenced():
+    import subprocess
+    import sys
+    code = ("import warnings; {quiet}import megatron.core.optimizer, megatron.core.models.gpt.gpt_layer_specs; "
+            "warnings.warn('Apex is not installed (not megatron)')")
+    run = lambda quiet: subprocess.run([sys.executable, "-c", code.format(quiet=quiet)], capture_output=True,
+                                       text=True, timeout=120).stderr
+    loud = run("")
+    assert "Transformer Engine and Apex are not installed" in loud  # control: Megatron does warn
+    quiet = run("from megatron_npr.cli import quiet_expected_cpu_warnings; quiet_expected_cpu_warnings(); ")
+    assert "megatron/core" not in quiet and "Apex is not installed (not megatron)" in quiet

@@ -65,3 +65,17 @@ def test_errors_name_the_file_and_key(tmp_path, text, overrides, message):
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(ConfigError, match="nope.yaml: cannot read"):
         load_config(Run, tmp_path / "nope.yaml")
+
+
+def test_a_section_keeps_its_parents_default_for_unset_keys(tmp_path):
+    """`sampling:` of a rejection config defaults to sequential decoding with 4 draws a round;
+    setting one key keeps the others (a plain SamplingParams would say parallel=True, n=1)."""
+    from megatron_npr.training.rejection import RejectionConfig
+    path = tmp_path / "rs.yaml"
+    path.write_text("engine: {hf_dir: m}\ndata: {path: d.jsonl}\nout: o.jsonl\nsampling: {temperature: 0.5}\n")
+    s = load_config(RejectionConfig, path).sampling
+    assert (s.temperature, s.parallel, s.n) == (0.5, False, 4)
+    s = load_config(RejectionConfig, path, ["sampling.parallel=true"]).sampling
+    assert (s.temperature, s.parallel, s.n) == (0.5, True, 4)
+    with pytest.raises(ConfigError, match="unknown key 'sampling.temprature'"):
+        load_config(RejectionConfig, path, ["sampling.temprature=1"])

@@ -107,6 +107,24 @@ def test_bad_input_names_the_problem_and_leaves_no_output(tmp_path, capsys, prob
     assert message in err and len(err.splitlines()) == 1 and _nothing_left(out)
 
 
+def test_a_non_empty_output_folder_is_refused_in_one_line(converted, capsys):
+    hf, ckpt, _ = converted[False]
+    for command, source in (("hf-to-mcore", ["--hf-dir", hf]), ("mcore-to-hf", ["--ckpt", ckpt])):
+        out = hf.parent / f"taken-{command}"
+        out.mkdir()
+        (out / "keep.txt").write_text("mine")
+        if command == "hf-to-mcore":  # refused in this process, before any worker starts
+            capsys.readouterr()
+            assert _cli_main()([command, *map(str, source), "--out", str(out)]) == 1
+            err = capsys.readouterr().err.strip()
+        else:  # loading a checkpoint initialises torch.distributed: keep that out of the test process
+            res = run_tool(command, *source, "--out", out)
+            assert res.returncode == 1
+            err = res.stderr.strip()
+        assert "already exists and is not an empty folder" in err and len(err.splitlines()) == 1, err
+        assert [p.name for p in out.iterdir()] == ["keep.txt"] and not list(out.parent.glob(f".{out.name}.tmp-*"))
+
+
 def test_failure_inside_a_worker_leaves_no_output(tmp_path):
     hf = tmp_path / "hf"
     tiny_hf_model().save_pretrained(hf)

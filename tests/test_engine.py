@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from megatron_npr.rollout import NPREngine, SamplingParams, Script, logprob_mismatch
-from megatron_npr.rollout import engine as engine_module
+from megatron_npr.rollout import scheduler as scheduler_module
 from megatron_npr.topology import parse_structure
 from model_fixtures import additive_mask, megatron_from_hf, tiny_hf_model
 from npr_reference import TAGS
@@ -148,19 +148,19 @@ def test_full_pool_makes_samples_wait_with_identical_results():
 
 def test_repetition_penalty_applies_only_to_the_current_branch(monkeypatch):
     calls = []
-    real = engine_module.penalise
+    real = scheduler_module.penalise
 
     def spy(logits, seen, penalty):
         calls.append((seen.nonzero().flatten().tolist(), penalty))
         return real(logits, seen, penalty)
 
-    monkeypatch.setattr(engine_module, "penalise", spy)
+    monkeypatch.setattr(scheduler_module, "penalise", spy)
     trunk = Script([G, P, 12, p, P, 13, p, g], forks=[[Script([S, 51, 40, 41]), Script([S, 52, 42])]])
     engine = make_engine()
     params = SamplingParams(max_new_tokens=30, step_repetition_penalty=1.5, seed=0)
     rollout = engine.generate([PROMPT], params, replay=[[0]])[0]  # warm path, no branches: no penalty
     assert calls == [] and rollout.stats["blocks"] == 0
-    monkeypatch.setattr(engine_module.Script, "from_response", classmethod(lambda cls, *a, **k: trunk))
+    monkeypatch.setattr(Script, "from_response", classmethod(lambda cls, *a, **k: trunk))
     engine.generate([PROMPT], params, replay=[[0]])  # scripted up to inside each branch, then sampled
     assert calls and all(pen == 1.5 for _, pen in calls)
     seen_sets = [set(x) for x, _ in calls]
@@ -188,8 +188,7 @@ def test_seeds_reproduce_and_separate_samples():
     (Script([G, 12, g, 1, EOS]), "invalid_structure", {"on_bad_plan": "continue"}),  # continues, then fails
 ])
 def test_malformed_outputs_end_cleanly(monkeypatch, trunk, reason, params):
-    import megatron_npr.rollout.npr_engine as npr_engine_module
-    monkeypatch.setattr(npr_engine_module.Script, "from_response", classmethod(lambda cls, *a, **k: trunk))
+    monkeypatch.setattr(Script, "from_response", classmethod(lambda cls, *a, **k: trunk))
     engine = make_engine()
     rollout = engine.generate([PROMPT], SamplingParams(max_new_tokens=40, **params), replay=[[0]])[0]
     assert rollout.finish_reason == reason and rollout.layout is None

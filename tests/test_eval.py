@@ -8,7 +8,8 @@ from megatron_npr.config import load_config
 from megatron_npr.data.prompts import prompt_ids
 from megatron_npr.data.synth import make_synth_dataset
 from megatron_npr.eval import EvalConfig, SampleRecord, evaluate, run_eval, summarize
-from megatron_npr.eval.common import ExactIntGrader
+from megatron_npr.data.tokenizer import NPRVocab
+from megatron_npr.rewards import ExactIntGrader
 from megatron_npr.rollout import SamplingParams
 from megatron_npr.topology import build_layout
 
@@ -44,8 +45,8 @@ def test_canonical_solutions_replayed_in_parallel_score_perfectly(qwen):
     engine = ReplayEngine(tiny_engine(tokenizer, tags), tokenizer, {p.question: s for p, s in PAIRS})
     params = SamplingParams(n=2, max_new_tokens=400, parallel=True)
     with ExactIntGrader() as grader:
-        result = evaluate(engine, tokenizer, tags, PROBLEMS, params, grader, measure_speedup=2, progress=False,
-                          batch_problems=2)
+        result = evaluate(engine, NPRVocab(tokenizer, tags), PROBLEMS, params, grader, measure_speedup=2,
+                          progress=False, batch_problems=2)
 
     lengths = [len(response_ids(tokenizer, s)) for _, s in PAIRS]
     critical = [critical_path(tokenizer, tags, p, s) for p, s in PAIRS]
@@ -71,7 +72,8 @@ def test_corrupted_and_wrong_responses_lower_validity_and_accuracy(qwen):
                                                                     p2.question: wrong})
     params = SamplingParams(n=1, max_new_tokens=400, parallel=False)  # sequential decoding replays any text
     with ExactIntGrader() as grader:
-        result = evaluate(engine, tokenizer, tags, PROBLEMS, params, grader, measure_speedup=0, progress=False)
+        result = evaluate(engine, NPRVocab(tokenizer, tags), PROBLEMS, params, grader, measure_speedup=0,
+                          progress=False)
     assert result.accuracy == pytest.approx(2 / 3) and result.best_at_n == pytest.approx(2 / 3)
     assert result.format_validity == pytest.approx(2 / 3) and result.parallel_trigger_rate == pytest.approx(2 / 3)
     assert result.invalid_reasons == {"text_between_branches": 1} and result.finish_reasons == {"stop": 3}
@@ -90,10 +92,10 @@ def test_run_eval_from_a_config_writes_json(tmp_path, qwen):
     with data.open("a") as f:
         f.write(json.dumps({"problem": "no answer"}) + "\n")
     out = tmp_path / "eval" / "result.json"
-    cfg = load_config(EvalConfig, None, [f"model.hf_dir={tmp_path / 'model'}", f"data.path={data}",
+    cfg = load_config(EvalConfig, None, [f"engine.hf_dir={tmp_path / 'model'}", f"data.path={data}",
                                          "data.skip_bad=true", "sampling.max_new_tokens=3", "sampling.n=2",
                                          "sampling.temperature=0", f"out={out}"])
-    result = run_eval(cfg, tokenizer=tokenizer, tags=tags, progress=False)
+    result = run_eval(cfg, vocab=NPRVocab(tokenizer, tags), progress=False)
     assert result.problems == 2 and result.accuracy == 0 and result.finish_reasons == {"length": 4}
     written = json.loads(out.read_text())
     assert written["result"] == result.to_json() and written["data"]["skipped_records"] == 1

@@ -14,8 +14,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 OVERRIDES = ["model.hidden_size=32", "model.num_hidden_layers=1", "model.intermediate_size=64",
              "synth.bootstrap=60", "synth.sample=8", "synth.eval=8", "bootstrap.steps=6", "bootstrap.rows_per_step=2",
-             "sample.max_samples=2", "sample.samples_per_round=2", "sample.max_new_tokens=80", "sft.epochs=1",
-             "eval.max_new_tokens=80", "eval.measure_speedup=2"]
+             "sample.max_samples=2", "sample.sampling.n=2", "sample.sampling.max_new_tokens=80", "sft.epochs=1",
+             "eval.sampling.max_new_tokens=80", "eval.measure_speedup=2"]
 
 
 def seed_accepted_record(cfg, out: Path) -> str:

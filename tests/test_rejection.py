@@ -8,8 +8,9 @@ from megatron_npr.config import ConfigError, load_config
 from megatron_npr.data.problems import ProblemFormatError
 from megatron_npr.data.prompts import prompt_ids
 from megatron_npr.data.synth import make_synth_dataset
-from megatron_npr.eval.common import problem_seed
+from megatron_npr.data.tokenizer import NPRVocab
 from megatron_npr.rollout import SamplingParams
+from megatron_npr.seeding import problem_seed
 from megatron_npr.training.rejection import RejectionConfig, load_finished, run_rejection_sampling
 
 PAIRS = make_synth_dataset(5, parts=(2, 3), seed=11)
@@ -36,8 +37,8 @@ def config(tmp_path, **overrides):
     data = tmp_path / "synth.jsonl"
     if not data.exists():
         write_problems(data, [p for p, _ in PAIRS])
-    cfg = {"model": {"hf_dir": "unused"}, "data": {"path": str(data)}, "out": str(tmp_path / "out" / "accepted.jsonl"),
-           "sampling": {"max_samples": 4, "samples_per_round": 2, "max_new_tokens": 400}, "batch_problems": 2}
+    cfg = {"engine": {"hf_dir": "unused"}, "data": {"path": str(data)}, "out": str(tmp_path / "out" / "accepted.jsonl"),
+           "max_samples": 4, "sampling": {"n": 2, "max_new_tokens": 400}, "batch_problems": 2}
     for key, value in overrides.items():
         section, _, name = key.partition(".")
         if name:
@@ -65,7 +66,7 @@ def test_first_correct_valid_sample_is_kept_and_every_reason_counted(tmp_path, q
              ["gap", "good"], ["cut", "cut", "cut", "good"]]
     cfg = config(tmp_path)
     engine = ScriptedEngine(tokenizer, tags, scripts(kinds))
-    stats = run_rejection_sampling(cfg, engine, tokenizer, tags, progress=False)
+    stats = run_rejection_sampling(cfg, engine, NPRVocab(tokenizer, tags), progress=False)
 
     records = lines(tmp_path / "out" / "accepted.jsonl")
     assert [(r["id"], r["sample"]) for r in records] == [("synth-0", 2), ("synth-2", 0), ("synth-3", 1), ("synth-4", 3)]
@@ -98,7 +99,7 @@ def test_results_do_not_depend_on_batching(tmp_path, qwen):
     for batch in (1, 3):
         cfg = config(tmp_path / f"b{batch}", batch_problems=batch)
         engine = ScriptedEngine(tokenizer, tags, scripts(kinds))
-        run_rejection_sampling(cfg, engine, tokenizer, tags, progress=False)
+        run_rejection_sampling(cfg, engine, NPRVocab(tokenizer, tags), progress=False)
         outputs.append((tmp_path / f"b{batch}" / "out" / "accepted.jsonl").read_bytes())
         seeds.append(dict(engine.seeds))
     assert outputs[0] == outputs[1] and seeds[0] == seeds[1]
@@ -108,16 +109,17 @@ def test_resume_after_a_crash_writes_the_same_file_without_duplicates(tmp_path, 
     tokenizer, tags = qwen
     kinds = [["wrong", "gap", "good", "good"], ["cut", "good"], ["wrong"] * 4, ["good", "good"], ["gap", "good"]]
     whole = config(tmp_path / "a")
-    run_rejection_sampling(whole, ScriptedEngine(tokenizer, tags, scripts(kinds)), tokenizer, tags, progress=False)
+    run_rejection_sampling(whole, ScriptedEngine(tokenizer, tags, scripts(kinds)), NPRVocab(tokenizer, tags),
+                           progress=False)
 
     resumed = config(tmp_path / "b")
     with pytest.raises(RuntimeError, match="simulated crash"):  # 3rd call: inside the second batch
         run_rejection_sampling(resumed, ScriptedEngine(tokenizer, tags, scripts(kinds), crash_on_call=3),
-                               tokenizer, tags, progress=False)
+                               NPRVocab(tokenizer, tags), progress=False)
     out_b = tmp_path / "b" / "out" / "accepted.jsonl"
     assert [r["id"] for r in lines(out_b)] == ["synth-0", "synth-1"]  # the first batch only
     engine = ScriptedEngine(tokenizer, tags, scripts(kinds))
-    stats = run_rejection_sampling(resumed, engine, tokenizer, tags, progress=False)
+    stats = run_rejection_sampling(resumed, engine, NPRVocab(tokenizer, tags), progress=False)
     assert PAIRS[0][0].question not in engine.seeds and stats.resumed == 2  # finished problems are skipped
     out_a = tmp_path / "a" / "out" / "accepted.jsonl"
     assert out_b.read_bytes() == out_a.read_bytes()
@@ -131,7 +133,7 @@ def test_resume_after_a_crash_writes_the_same_file_without_duplicates(tmp_path, 
     done_b.write_text("".join(done_lines[:-2]))  # the lines of synth-3 (accepted at draw 0) and synth-4 (1)
     with out_b.open("a") as f:
         f.write('{"id": "synth-9", "trunc')
-    stats = run_rejection_sampling(resumed, ScriptedEngine(tokenizer, tags, scripts(kinds)), tokenizer, tags,
+    stats = run_rejection_sampling(resumed, ScriptedEngine(tokenizer, tags, scripts(kinds)), NPRVocab(tokenizer, tags),
                                    progress=False)
     assert out_b.read_bytes() == out_a.read_bytes()
     finished, missing = load_finished(out_b)
@@ -149,9 +151,9 @@ def test_bad_problem_records_are_counted_or_named(tmp_path, qwen):
     data.write_text(json.dumps({"question": problem.question, "answer": problem.answer}) + "\n"
                     + json.dumps({"question": "no answer here"}) + "\n")
     with pytest.raises(ProblemFormatError, match=r"synth.jsonl: record 1: missing 'answer'"):
-        run_rejection_sampling(config(tmp_path), None, tokenizer, tags, progress=False)
+        run_rejection_sampling(config(tmp_path), None, NPRVocab(tokenizer, tags), progress=False)
     engine = ScriptedEngine(tokenizer, tags, {problem.question: [(solution, "stop")] * 2})
-    stats = run_rejection_sampling(config(tmp_path, **{"data.skip_bad": True}), engine, tokenizer, tags,
+    stats = run_rejection_sampling(config(tmp_path, **{"data.skip_bad": True}), engine, NPRVocab(tokenizer, tags),
                                    progress=False)
     assert stats.skipped_records == 1 and stats.accepted == 1 and stats.problems == 1
     assert str(data) in stats.skipped_report and "record 1: missing 'answer'" in stats.skipped_report
@@ -159,7 +161,7 @@ def test_bad_problem_records_are_counted_or_named(tmp_path, qwen):
 
 
 @pytest.mark.parametrize("override,message", [
-    ("sampling.samples_per_round=9", "sampling: samples_per_round must be in [1, max_samples=4], got 9"),
+    ("sampling.n=9", "sampling.n (draws per round) must be <= max_samples=4, got 9"),
     ("sampling.top_p=0", "sampling: SamplingParams: invalid top_p=0"),
     ("batch_problems=0", "batch_problems must be >= 1"),
     ("grader.kind=sympy", "'grader.kind' must be one of ['auto', 'math', 'exact_int']"),
@@ -167,8 +169,9 @@ def test_bad_problem_records_are_counted_or_named(tmp_path, qwen):
 ])
 def test_config_errors_name_the_field(tmp_path, override, message):
     path = tmp_path / "rs.yaml"
-    path.write_text("model: {hf_dir: m}\ndata: {path: d.jsonl}\nout: o.jsonl\nsampling: {max_samples: 4}\n")
-    assert load_config(RejectionConfig, path).sampling.parallel is False
+    path.write_text("engine: {hf_dir: m}\ndata: {path: d.jsonl}\nout: o.jsonl\nmax_samples: 4\nsampling: {top_k: 5}\n")
+    loaded = load_config(RejectionConfig, path)  # the stage's defaults for its sampling section stay
+    assert (loaded.sampling.parallel, loaded.sampling.n, loaded.sampling.top_k) == (False, 4, 5)
     with pytest.raises(ConfigError) as err:
         load_config(RejectionConfig, path, [override])
     assert message in str(err.value)
@@ -194,7 +197,7 @@ def test_real_engine_end_to_end(tmp_path, qwen, parallel):
     engine = tiny_engine(tokenizer, tags)
     cfg = config(tmp_path, **{"sampling.parallel": parallel, "data.limit": 2})
     replay = ReplayEngine(engine, tokenizer, {p.question: s for p, s in PAIRS[:2]})
-    stats = run_rejection_sampling(cfg, replay, tokenizer, tags, progress=False)
+    stats = run_rejection_sampling(cfg, replay, NPRVocab(tokenizer, tags), progress=False)
     assert stats.reasons == {"accepted": 2} and stats.drawn == 4
     for record, (problem, solution) in zip(lines(tmp_path / "out" / "accepted.jsonl"), PAIRS):
         assert record["response_ids"] == response_ids(tokenizer, solution) and record["parallel"] is parallel
@@ -203,5 +206,6 @@ def test_real_engine_end_to_end(tmp_path, qwen, parallel):
         assert (tags["<takeaway>"] in forced and tags["<step>"] in forced) if parallel else forced == []
 
     sampled = config(tmp_path / "sampled", **{"sampling.max_new_tokens": 3, "data.limit": 1})
-    stats = run_rejection_sampling(sampled, engine, tokenizer, tags, progress=False)  # a random model: all cut off
+    # a random model: all cut off
+    stats = run_rejection_sampling(sampled, engine, NPRVocab(tokenizer, tags), progress=False)
     assert stats.reasons == {"length": 4} and stats.accepted == 0

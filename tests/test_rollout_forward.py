@@ -174,7 +174,8 @@ def test_from_hf_folder(model, tmp_path):
 
 
 def test_spec_reads_transformers4_config():
-    cfg = {"vocab_size": 10, "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1,
-           "num_attention_heads": 2, "num_key_value_heads": 1, "rms_norm_eps": 1e-5, "rope_theta": 5e5}
+    cfg = {"model_type": "qwen3", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
+           "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1, "rms_norm_eps": 1e-5,
+           "rope_theta": 5e5}
     spec = Qwen3Spec.from_hf_config(cfg)
     assert spec.head_dim == 4 and spec.rope_theta == 5e5 and not spec.tie_word_embeddings

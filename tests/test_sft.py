@@ -32,9 +32,9 @@ def tiny(tmp_path_factory, qwen):
     return hf_dir, data
 
 
-def _samples(tiny, qwen, n=6):
+def _samples(tiny, vocab, n=6):
     from megatron_npr.training.sft_data import load_sft_samples
-    samples, drops = load_sft_samples(tiny[1], *qwen, max_tokens=SEQ, instruction="")
+    samples, drops = load_sft_samples(tiny[1], vocab, max_tokens=SEQ, instruction="")
     assert drops.kept == len(samples) == 24
     return samples[:n]
 
@@ -46,7 +46,7 @@ def _batch(samples, length):
     return NPRBatch.from_rows(rows, length=length), rows
 
 
-def test_packed_logprobs_equal_unpacked_hf_reference(megatron, tiny, qwen):
+def test_packed_logprobs_equal_unpacked_hf_reference(megatron, tiny, vocab):
     """Per-token log-probs of several documents packed in one row (Megatron) equal each document
     alone under HF with its dense NPR mask; the summed loss agrees to 1e-5 relative. Negative
     control: letting documents see each other changes the later documents."""
@@ -58,7 +58,7 @@ def test_packed_logprobs_equal_unpacked_hf_reference(megatron, tiny, qwen):
     from model_fixtures import additive_mask
 
     hf_dir, _ = tiny
-    samples = _samples(tiny, qwen)
+    samples = _samples(tiny, vocab)
     cfg = read_hf_config(hf_dir)
     model = build_model(transformer_config_from_hf(cfg, dtype=torch.float32))
     with open_hf_weights(hf_dir) as w:
@@ -103,8 +103,11 @@ def _config(tiny, out_dir, **train) -> dict:
             "train": {"out_dir": str(out_dir), "steps": 5, "global_batch_rows": 2, "save_every": 2, **train}}
 
 
+NO_SPAWN_CLI = Path(__file__).parent / "workers" / "no_spawn_cli.py"  # `npr` that may not start processes
+
+
 def run_sft(cfg: dict, tmp: Path, *overrides: str, nproc: int = 1, crash: str | None = None,
-            expect: int = 0) -> list[dict]:
+            expect: int = 0, no_spawn: bool = False) -> list[dict]:
     path = tmp / f"cfg_{abs(hash((str(cfg), overrides))) % 10**8}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
@@ -113,7 +116,8 @@ def run_sft(cfg: dict, tmp: Path, *overrides: str, nproc: int = 1, crash: str | 
         env["NPR_TEST_CRASH"] = crash
     launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
                 f"--master_port={free_port()}"] if nproc > 1 else [sys.executable]
-    cmd = [*launcher, "-m", "megatron_npr.cli", "sft", str(path), *overrides, "--quiet"]
+    entry = [str(NO_SPAWN_CLI)] if no_spawn else ["-m", "megatron_npr.cli"]
+    cmd = [*launcher, *entry, "sft", str(path), *overrides, "--quiet"]
     log = path.with_suffix(".log")
     with log.open("w") as f:  # a file, not a pipe: a killed run's helper processes may keep pipes open
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -148,20 +152,27 @@ def reference_run(tiny, tmp_path_factory):
     return base, tmp / "a"
 
 
+def _assert_export_equals_the_converter(exported_dir: Path, checkpoint: Path) -> dict:
+    """tools/convert_hf.py mcore-to-hf on `checkpoint` gives exactly the tensors in `exported_dir`."""
+    from safetensors.torch import load_file
+    converted = exported_dir.parent / f"{exported_dir.name}_converted"
+    cmd = [sys.executable, str(Path(__file__).parent.parent / "tools" / "convert_hf.py"), "mcore-to-hf",
+           "--ckpt", str(checkpoint), "--out", str(converted)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    exported = load_file(exported_dir / "model.safetensors")
+    reference = load_file(converted / "model.safetensors")
+    assert exported.keys() == reference.keys()
+    assert all(torch.equal(exported[k], reference[k]) for k in exported)
+    return exported
+
+
 def test_export_hf_equals_the_converter_on_the_final_checkpoint(tiny, reference_run):
     """`train.export_hf` (in process) writes what tools/convert_hf.py makes of the final
     checkpoint, bit for bit; and training moved the weights away from the start."""
     from safetensors.torch import load_file
     _, out = reference_run
-    converted = out.parent / "converted"
-    cmd = [sys.executable, str(Path(__file__).parent.parent / "tools" / "convert_hf.py"), "mcore-to-hf",
-           "--ckpt", str(out / "checkpoints" / "step_00000005"), "--out", str(converted)]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    exported = load_file(out.parent / "a_hf" / "model.safetensors")
-    reference = load_file(converted / "model.safetensors")
-    assert exported.keys() == reference.keys()
-    assert all(torch.equal(exported[k], reference[k]) for k in exported)
+    exported = _assert_export_equals_the_converter(out.parent / "a_hf", out / "checkpoints" / "step_00000005")
     start = load_file(Path(tiny[0]) / "model.safetensors")
     assert (exported["model.norm.weight"] - start["model.norm.weight"]).abs().max() > 1e-3
     assert (out.parent / "a_hf" / "tokenizer.json").is_file()
@@ -197,12 +208,26 @@ def test_killed_run_resumes_to_the_same_curve(tiny, tmp_path, reference_run, cra
 @pytest.mark.multirank
 @pytest.mark.parametrize("layout", ["parallel.tp=2", "parallel.tp=1"])  # TP2, then DP2 (2 ranks, tp=1)
 def test_tp2_and_dp2_follow_the_tp1_curve(tiny, tmp_path, reference_run, layout):
+    """At TP2 the run also exports an HF folder: gathered in process (the workers may not start a
+    child process), bitwise what the converter makes of the final checkpoint."""
     base, _ = reference_run
-    cfg = _config(tiny, tmp_path / "run", save_every=0)
-    curve = run_sft(cfg, tmp_path, layout, nproc=2)
+    tp2 = layout == "parallel.tp=2"
+    cfg = _config(tiny, tmp_path / "run", save_every=0, **({"export_hf": str(tmp_path / "hf")} if tp2 else {}))
+    curve = run_sft(cfg, tmp_path, layout, nproc=2, no_spawn=tp2)
     assert [r["step"] for r in curve] == [1, 2, 3, 4, 5]
     diff = max(abs(x - y) for x, y in zip(_curve(base), _curve(curve)))
     assert diff <= 1e-4, diff
+    if tp2:
+        _assert_export_equals_the_converter(tmp_path / "hf", tmp_path / "run" / "checkpoints" / "step_00000005")
+        assert (tmp_path / "hf" / "tokenizer.json").is_file()
+
+
+def test_no_spawn_cli_refuses_child_processes():
+    """The control for the TP2 export above: under tests/workers/no_spawn_cli.py a child process
+    (as the old export through the converter started) fails."""
+    code = f"import runpy, subprocess; runpy.run_path({str(NO_SPAWN_CLI)!r}); subprocess.run(['true'])"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert res.returncode != 0 and "may not start child processes" in res.stderr
 
 
 def test_pipeline_sft_stage(tiny, tmp_path):

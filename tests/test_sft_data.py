@@ -16,6 +16,7 @@ from megatron_npr.topology import (
     engine_inserted_mask,
     pack,
 )
+from megatron_npr.data.tokenizer import NPRVocab
 from megatron_npr.training.sft_data import DropStats, SFTSample, load_sft_samples
 
 G, g, P, p, S, s, K, k = TAGS.ids
@@ -108,8 +109,8 @@ def test_token_and_text_forms_give_the_same_sample(tmp_path, qwen, synth):
     text = [prob.to_json() | {"solution": sol} for prob, sol in probs]
     tokens = [{"id": i, "prompt_ids": pr, "response_ids": resp, "response": "ignored"}
               for i, (pr, resp) in enumerate(synth)]
-    a, da = load_sft_samples(write_jsonl(tmp_path / "text.jsonl", text), tokenizer, tags, instruction="")
-    b, db = load_sft_samples(write_jsonl(tmp_path / "tok.jsonl", tokens), tokenizer, tags)
+    a, da = load_sft_samples(write_jsonl(tmp_path / "text.jsonl", text), NPRVocab(tokenizer, tags), instruction="")
+    b, db = load_sft_samples(write_jsonl(tmp_path / "tok.jsonl", tokens), NPRVocab(tokenizer, tags))
     assert da.kept == db.kept == 6 and da.dropped == db.dropped == 0
     for x, y, (prompt, response) in zip(a, b, synth):
         assert x.token_ids.tolist() == y.token_ids.tolist() == prompt + response
@@ -119,7 +120,7 @@ def test_token_and_text_forms_give_the_same_sample(tmp_path, qwen, synth):
         expected = (torch.arange(len(x.token_ids)) >= len(prompt)) & ~inserted
         assert torch.equal(x.loss_mask, expected)
     # negative control: another instruction changes the text form's prompt
-    c, _ = load_sft_samples(tmp_path / "text.jsonl", tokenizer, tags)
+    c, _ = load_sft_samples(tmp_path / "text.jsonl", NPRVocab(tokenizer, tags))
     assert c[0].token_ids.tolist() != a[0].token_ids.tolist()
     assert [x.line for x in a] == list(range(1, 7))
     assert len(pack(a + b, 512)) >= 1  # SFTSample is a PackSample
@@ -134,7 +135,7 @@ def test_text_form_canonicalises_and_appends_end_of_turn(tmp_path, qwen):
                                            add_generation_prompt=True)
     path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": prompt, "response": loose},
                                              {"question": "A+B?", "response": loose + "<|im_end|>\n"}])
-    samples, drops = load_sft_samples(path, tokenizer, tags)
+    samples, drops = load_sft_samples(path, NPRVocab(tokenizer, tags))
     assert drops.kept == 2
     first = samples[0]
     text = tokenizer.decode(first.token_ids[first.response_start:])
@@ -155,7 +156,7 @@ def test_forced_field_is_respected_and_checked(tmp_path, qwen, synth):
     path = write_jsonl(tmp_path / "f.jsonl", [{"prompt_ids": prompt, "response_ids": response, "forced": zeros},
                                              {"prompt_ids": prompt, "response_ids": response, "forced": extra},
                                              {"prompt_ids": prompt, "response_ids": response, "forced": [0]}])
-    samples, drops = load_sft_samples(path, tokenizer, tags)
+    samples, drops = load_sft_samples(path, NPRVocab(tokenizer, tags))
     assert drops.kept == 2 and drops.reasons == {"bad_record": 1} and "'forced'" in drops.examples[0]
     inserted = engine_inserted_mask(prompt + response, tags, len(prompt), label_fn(tokenizer))
     assert not samples[0].loss_mask[inserted].any()  # inserted tokens are never trained
@@ -187,7 +188,7 @@ def test_bad_records_are_dropped_and_counted(tmp_path, qwen, synth, caplog):
     ]
     path = write_jsonl(tmp_path / "bad.jsonl", records)
     with caplog.at_level("WARNING"):
-        samples, drops = load_sft_samples(path, tokenizer, tags, max_tokens=len(prompt) * 10)
+        samples, drops = load_sft_samples(path, NPRVocab(tokenizer, tags), max_tokens=len(prompt) * 10)
     assert [x.line for x in samples] == [1]
     assert drops.kept == 1 and drops.dropped == 13
     assert drops.reasons == {"bad_json": 1, "bad_record": 6, "empty_response": 2, "branch_label": 1,
@@ -200,13 +201,13 @@ def test_bad_records_are_dropped_and_counted(tmp_path, qwen, synth, caplog):
     assert summary.startswith("kept 1, dropped 13 (bad_record 6") and "branch_label 1" in summary
     assert json.loads(json.dumps(drops.to_json()))["reasons"]["overlong"] == 1
     # negative control: the same records without the defects all load
-    _, clean = load_sft_samples(write_jsonl(tmp_path / "ok.jsonl", [records[0]] * 3), tokenizer, tags)
+    _, clean = load_sft_samples(write_jsonl(tmp_path / "ok.jsonl", [records[0]] * 3), NPRVocab(tokenizer, tags))
     assert clean.kept == 3 and clean.dropped == 0 and clean.summary() == "kept 3, dropped 0"
 
 
 def test_missing_file_is_an_error(tmp_path, qwen):
     with pytest.raises(FileNotFoundError, match="nope.jsonl"):
-        load_sft_samples(tmp_path / "nope.jsonl", *qwen)
+        load_sft_samples(tmp_path / "nope.jsonl", NPRVocab(*qwen))
 
 
 def test_sft_sample_and_drop_stats_types():

@@ -40,6 +40,7 @@ def main(argv=None) -> int:
 
     from megatron_npr.checkpoint import CheckpointError
     from megatron_npr.checkpoint import convert
+    from megatron_npr.io import OutputError
     from megatron_npr.models import ModelConfigError
     try:
         if args.command == "hf-to-mcore":
@@ -51,7 +52,7 @@ def main(argv=None) -> int:
             result = convert.verify(args.hf_dir, args.ckpt, args.tol)
             print(json.dumps(result))
             return 0 if result["ok"] else 1
-    except (CheckpointError, ModelConfigError, OSError) as e:
+    except (CheckpointError, ModelConfigError, OutputError, OSError) as e:  # OutputError: --out not empty
         print(f"convert_hf.py {args.command}: error: {e}", file=sys.stderr)
         return 1
     return 0

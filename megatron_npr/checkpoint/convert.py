@@ -15,8 +15,9 @@ from pathlib import Path
 
 import torch
 
-from .hf_io import atomic_output_dir, open_hf_weights, read_hf_config, write_hf_weights
-from .mapping import CheckpointError
+from ..io import atomic_output_dir
+from ..models.qwen3_hf import CheckpointError, read_hf_config
+from .hf_io import open_hf_weights, write_hf_weights
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
                    "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "generation_config.json")

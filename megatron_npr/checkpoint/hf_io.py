@@ -1,49 +1,24 @@
-"""Reading and writing HF model folders: config.json and safetensors weights (single or sharded).
+"""Reading and writing the safetensors weights of HF model folders (single file or sharded).
 
 Weights are read one tensor at a time and written one shard at a time, so a conversion never needs
-the whole model in memory. Pickled `.bin` weights are deliberately not supported.
+the whole model in memory. Pickled `.bin` weights are deliberately not supported. The folder's
+config.json is read by `models.qwen3_hf.read_hf_config`.
 """
 from __future__ import annotations
 
 import json
 import os
-import secrets
-import shutil
 from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .mapping import CheckpointError
+from ..models.qwen3_hf import CheckpointError
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-QWEN3_ARCHITECTURE = "Qwen3ForCausalLM"
-
-
-def read_hf_config(hf_dir: str | os.PathLike) -> dict:
-    """config.json of an HF Qwen3 dense model folder, checked to really be one."""
-    folder = Path(hf_dir)
-    if not folder.is_dir():
-        raise CheckpointError(f"HF model folder {folder} does not exist")
-    path = folder / "config.json"
-    if not path.is_file():
-        raise CheckpointError(f"{path} not found: not an HF model folder")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path} is not valid JSON: {exc}") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path} does not hold a JSON object")
-    model_type, architectures = config.get("model_type"), config.get("architectures") or []
-    if model_type != "qwen3" or QWEN3_ARCHITECTURE not in architectures:
-        raise CheckpointError(f"{path}: found model_type={model_type!r}, architectures={architectures!r}; "
-                              f"only Qwen3 dense models ({QWEN3_ARCHITECTURE}, model_type 'qwen3') "
-                              f"are supported")
-    return config
 
 
 class HFWeights(Mapping):
@@ -202,30 +177,3 @@ def write_hf_weights(out_dir: str | os.PathLike, tensors: Iterable[tuple[str, to
                  "weight_map": dict(sorted(weight_map.items()))}
         (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
     return weight_map
-
-
-@contextmanager
-def atomic_output_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary sibling folder that becomes `out_dir` only if the block succeeds; on any
-    error it is deleted, so a failed conversion leaves no partial output. An existing empty
-    `out_dir` is replaced; a non-empty one is refused."""
-    target = Path(out_dir)
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        raise CheckpointError(f"output {target} already exists and is not an empty folder")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    while True:  # os.mkdir (not mkdtemp) so the folder gets normal umask permissions
-        temp = target.parent / f".{target.name}.tmp-{secrets.token_hex(4)}"
-        try:
-            temp.mkdir()
-            break
-        except FileExistsError:
-            continue
-    try:
-        yield temp
-        try:
-            os.replace(temp, target)  # atomic; replaces only an empty folder
-        except OSError as exc:
-            raise CheckpointError(f"cannot move finished output to {target}: {exc}") from None
-    except BaseException:
-        shutil.rmtree(temp, ignore_errors=True)
-        raise

@@ -1,63 +1,25 @@
 """Name and layout mapping between HF Qwen3 (`Qwen3ForCausalLM`) and Megatron-Core GPTModel state dicts.
 
 Pure torch: no Megatron import, so conversion tools and tests run anywhere. Every function works on
-one layer at a time where it can, so callers can bound memory by one layer.
+one layer at a time where it can, so callers can bound memory by one layer. The HF side (config,
+tensor names, shapes) is models/qwen3_hf.py; `cfg` arguments take a `Qwen3Spec` or anything
+`Qwen3Spec.from_hf_config` reads (a config.json dict, a transformers config, a folder).
 """
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
+# CheckpointError lives with the HF format (reading config.json raises it too); importers keep
+# getting it from here.
+from ..models.qwen3_hf import (
+    EMBED as HF_EMBED, FINAL_NORM as HF_FINAL_NORM, LM_HEAD as HF_LM_HEAD, CheckpointError, Qwen3Spec,
+    layer_prefix, layer_shapes, nonlayer_shapes,
+)
 
-class CheckpointError(ValueError):
-    """A checkpoint is missing a tensor, has a wrong shape, or cannot be read or written."""
-
-
-@dataclass(frozen=True)
-class Qwen3Dims:
-    """The config fields the mapping depends on."""
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
-    hidden_size: int
-    num_hidden_layers: int
-    tie_word_embeddings: bool
-    intermediate_size: int | None = None
-    vocab_size: int | None = None
-
-    @property
-    def heads_per_group(self) -> int:
-        return self.num_attention_heads // self.num_key_value_heads
-
-
-def qwen3_dims(cfg: Any) -> Qwen3Dims:
-    """Read the needed fields from a transformers Qwen3Config, any object with those attributes, a
-    dict (e.g. config.json), or an existing Qwen3Dims."""
-    if isinstance(cfg, Qwen3Dims):
-        return cfg
-    get = cfg.get if isinstance(cfg, Mapping) else (lambda key, default=None: getattr(cfg, key, default))
-    try:
-        nh, ng = int(get("num_attention_heads")), int(get("num_key_value_heads"))
-        hidden, layers = int(get("hidden_size")), int(get("num_hidden_layers"))
-    except TypeError as exc:  # int(None): a required field is absent
-        raise CheckpointError(f"config lacks one of num_attention_heads, num_key_value_heads, "
-                              f"hidden_size, num_hidden_layers: {exc}") from None
-    # Qwen3 configs carry head_dim; the fallback is the usual hidden/heads convention.
-    head_dim = get("head_dim") or hidden // nh
-    if get("attention_bias", False):
-        raise CheckpointError("attention_bias=True is not supported: Qwen3 dense models have no biases")
-    if ng <= 0 or nh % ng != 0:
-        raise CheckpointError(f"num_attention_heads={nh} is not a multiple of num_key_value_heads={ng}")
-    opt = lambda key: None if get(key) is None else int(get(key))  # noqa: E731
-    return Qwen3Dims(nh, ng, int(head_dim), hidden, layers, bool(get("tie_word_embeddings", False)),
-                     opt("intermediate_size"), opt("vocab_size"))
-
-
-HF_EMBED, HF_FINAL_NORM, HF_LM_HEAD = "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"
 MC_EMBED, MC_FINAL_NORM, MC_OUTPUT = ("embedding.word_embeddings.weight", "decoder.final_layernorm.weight",
                                       "output_layer.weight")
 
@@ -78,7 +40,7 @@ _MC_QKV, _MC_FC1 = "self_attention.linear_qkv.weight", "mlp.linear_fc1.weight"
 def layer_names_hf(i: int) -> list[str]:
     """Every HF tensor name of decoder layer i."""
     suffixes = [*_LAYER_RENAMES, *_HF_QKV, *_HF_GATE_UP]
-    return [f"model.layers.{i}.{s}" for s in suffixes]
+    return [layer_prefix(i) + s for s in suffixes]
 
 
 def layer_names_mcore(i: int) -> list[str]:
@@ -87,37 +49,23 @@ def layer_names_mcore(i: int) -> list[str]:
     return [f"decoder.layers.{i}.{s}" for s in suffixes]
 
 
-def _fetch(state: Mapping[str, Tensor], name: str, shape: tuple[int, ...] | None) -> Tensor:
+def _fetch(state: Mapping[str, Tensor], name: str, shape: tuple[int, ...]) -> Tensor:
     if name not in state:
         raise CheckpointError(f"missing tensor {name!r}")
     tensor = state[name]
-    if shape is not None and tuple(tensor.shape) != shape:
+    if tuple(tensor.shape) != shape:
         raise CheckpointError(f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {shape}")
     return tensor
 
 
-def _hf_layer_shapes(d: Qwen3Dims, ffn: int) -> dict[str, tuple[int, ...]]:
-    hidden, q_rows = d.hidden_size, d.num_attention_heads * d.head_dim
-    kv_rows = d.num_key_value_heads * d.head_dim
-    return {"input_layernorm.weight": (hidden,), "post_attention_layernorm.weight": (hidden,),
-            "self_attn.q_norm.weight": (d.head_dim,), "self_attn.k_norm.weight": (d.head_dim,),
-            "self_attn.o_proj.weight": (hidden, q_rows), "mlp.down_proj.weight": (hidden, ffn),
-            "self_attn.q_proj.weight": (q_rows, hidden), "self_attn.k_proj.weight": (kv_rows, hidden),
-            "self_attn.v_proj.weight": (kv_rows, hidden), "mlp.gate_proj.weight": (ffn, hidden),
-            "mlp.up_proj.weight": (ffn, hidden)}
-
-
-def _ffn_size(d: Qwen3Dims, state: Mapping[str, Tensor], name: str, rows_per_unit: int) -> int:
-    # The config may not name intermediate_size; then the tensor itself decides (checked for consistency).
-    if d.intermediate_size is not None:
-        return d.intermediate_size
-    return _fetch(state, name, None).shape[0] // rows_per_unit
+def _spec(cfg: Any) -> Qwen3Spec:
+    return cfg if isinstance(cfg, Qwen3Spec) else Qwen3Spec.from_hf_config(cfg)
 
 
 def fuse_qkv(q: Tensor, k: Tensor, v: Tensor, cfg: Any) -> Tensor:
     """Megatron's linear_qkv: per KV group g, the q heads of g, then k_g, then v_g."""
-    d = qwen3_dims(cfg)
-    ng, hd, hidden = d.num_key_value_heads, d.head_dim, d.hidden_size
+    d = _spec(cfg)
+    ng, hd, hidden = d.num_kv_heads, d.head_dim, d.hidden_size
     groups = [q.reshape(ng, d.heads_per_group, hd, hidden), k.reshape(ng, 1, hd, hidden),
               v.reshape(ng, 1, hd, hidden)]
     return torch.cat(groups, dim=1).reshape(-1, hidden)
@@ -125,8 +73,8 @@ def fuse_qkv(q: Tensor, k: Tensor, v: Tensor, cfg: Any) -> Tensor:
 
 def split_qkv(qkv: Tensor, cfg: Any) -> tuple[Tensor, Tensor, Tensor]:
     """Inverse of fuse_qkv: (q_proj, k_proj, v_proj) weights."""
-    d = qwen3_dims(cfg)
-    ng, per, hd, hidden = d.num_key_value_heads, d.heads_per_group, d.head_dim, d.hidden_size
+    d = _spec(cfg)
+    ng, per, hd, hidden = d.num_kv_heads, d.heads_per_group, d.head_dim, d.hidden_size
     grouped = qkv.reshape(ng, per + 2, hd, hidden)
     q = grouped[:, :per].reshape(ng * per * hd, hidden)
     k = grouped[:, per].reshape(ng * hd, hidden)
@@ -137,9 +85,9 @@ def split_qkv(qkv: Tensor, cfg: Any) -> tuple[Tensor, Tensor, Tensor]:
 def hf_layer_to_mcore(hf_state: Mapping[str, Tensor], cfg: Any, i: int) -> dict[str, Tensor]:
     """Megatron tensors of layer i (global index) from an HF state; reads only layer i's names, so a
     lazy Mapping loads just one layer."""
-    d = qwen3_dims(cfg)
-    src, dst = f"model.layers.{i}.", f"decoder.layers.{i}."
-    shapes = _hf_layer_shapes(d, _ffn_size(d, hf_state, src + "mlp.gate_proj.weight", 1))
+    d = _spec(cfg)
+    src, dst = layer_prefix(i), f"decoder.layers.{i}."
+    shapes = layer_shapes(d)
     get = lambda suffix: _fetch(hf_state, src + suffix, shapes[suffix])  # noqa: E731
     out = {dst + mc: get(hf) for hf, mc in _LAYER_RENAMES.items()}
     out[dst + _MC_QKV] = fuse_qkv(*(get(s) for s in _HF_QKV), d)
@@ -149,32 +97,27 @@ def hf_layer_to_mcore(hf_state: Mapping[str, Tensor], cfg: Any, i: int) -> dict[
 
 def mcore_layer_to_hf(mcore_state: Mapping[str, Tensor], cfg: Any, i: int) -> dict[str, Tensor]:
     """HF tensors of layer i from a full (unsharded, global-index) Megatron state."""
-    d = qwen3_dims(cfg)
-    src, dst = f"decoder.layers.{i}.", f"model.layers.{i}."
-    hf_shapes = _hf_layer_shapes(d, _ffn_size(d, mcore_state, src + _MC_FC1, 2))
+    d = _spec(cfg)
+    src, dst = f"decoder.layers.{i}.", layer_prefix(i)
+    hf_shapes = layer_shapes(d)
     out = {dst + hf: _fetch(mcore_state, src + mc, hf_shapes[hf]) for hf, mc in _LAYER_RENAMES.items()}
-    qkv_rows = (d.num_attention_heads + 2 * d.num_key_value_heads) * d.head_dim
+    qkv_rows = (d.num_heads + 2 * d.num_kv_heads) * d.head_dim
     qkv = _fetch(mcore_state, src + _MC_QKV, (qkv_rows, d.hidden_size))
     for name, tensor in zip(_HF_QKV, split_qkv(qkv, d)):
         out[dst + name] = tensor
-    ffn = hf_shapes["mlp.gate_proj.weight"][0]
-    gate, up = _fetch(mcore_state, src + _MC_FC1, (2 * ffn, d.hidden_size)).chunk(2, dim=0)
+    gate, up = _fetch(mcore_state, src + _MC_FC1, (2 * d.intermediate_size, d.hidden_size)).chunk(2, dim=0)
     out[dst + _HF_GATE_UP[0]], out[dst + _HF_GATE_UP[1]] = gate, up
     return out
 
 
-def _vocab_shape(d: Qwen3Dims, state: Mapping[str, Tensor], name: str) -> tuple[int, int]:
-    vocab = d.vocab_size if d.vocab_size is not None else _fetch(state, name, None).shape[0]
-    return (vocab, d.hidden_size)
-
-
 def hf_nonlayer_to_mcore(hf_state: Mapping[str, Tensor], cfg: Any) -> dict[str, Tensor]:
     """Embedding, final norm and (untied only) output layer."""
-    d = qwen3_dims(cfg)
-    embed = _fetch(hf_state, HF_EMBED, _vocab_shape(d, hf_state, HF_EMBED))
-    out = {MC_EMBED: embed, MC_FINAL_NORM: _fetch(hf_state, HF_FINAL_NORM, (d.hidden_size,))}
+    d = _spec(cfg)
+    shapes = nonlayer_shapes(d)
+    embed = _fetch(hf_state, HF_EMBED, shapes[HF_EMBED])
+    out = {MC_EMBED: embed, MC_FINAL_NORM: _fetch(hf_state, HF_FINAL_NORM, shapes[HF_FINAL_NORM])}
     if not d.tie_word_embeddings:
-        out[MC_OUTPUT] = _fetch(hf_state, HF_LM_HEAD, tuple(embed.shape))
+        out[MC_OUTPUT] = _fetch(hf_state, HF_LM_HEAD, shapes[HF_LM_HEAD])
     elif HF_LM_HEAD in hf_state and not torch.equal(hf_state[HF_LM_HEAD], embed):
         raise CheckpointError(f"tie_word_embeddings is true but {HF_LM_HEAD!r} differs from {HF_EMBED!r}")
     return out
@@ -182,11 +125,12 @@ def hf_nonlayer_to_mcore(hf_state: Mapping[str, Tensor], cfg: Any) -> dict[str, 
 
 def mcore_nonlayer_to_hf(mcore_state: Mapping[str, Tensor], cfg: Any) -> dict[str, Tensor]:
     """Inverse of hf_nonlayer_to_mcore; a tied model gets no lm_head (as save_pretrained writes it)."""
-    d = qwen3_dims(cfg)
-    embed = _fetch(mcore_state, MC_EMBED, _vocab_shape(d, mcore_state, MC_EMBED))
-    out = {HF_EMBED: embed, HF_FINAL_NORM: _fetch(mcore_state, MC_FINAL_NORM, (d.hidden_size,))}
+    d = _spec(cfg)
+    shapes = nonlayer_shapes(d)
+    embed = _fetch(mcore_state, MC_EMBED, shapes[HF_EMBED])
+    out = {HF_EMBED: embed, HF_FINAL_NORM: _fetch(mcore_state, MC_FINAL_NORM, shapes[HF_FINAL_NORM])}
     if not d.tie_word_embeddings:
-        out[HF_LM_HEAD] = _fetch(mcore_state, MC_OUTPUT, tuple(embed.shape))
+        out[HF_LM_HEAD] = _fetch(mcore_state, MC_OUTPUT, shapes[HF_LM_HEAD])
     # With pp > 1 and tied weights the last stage keeps a synced copy; a diverged copy means a bug.
     elif MC_OUTPUT in mcore_state and not torch.equal(mcore_state[MC_OUTPUT], embed):
         raise CheckpointError(f"tie_word_embeddings is true but {MC_OUTPUT!r} differs from {MC_EMBED!r}")
@@ -195,18 +139,18 @@ def mcore_nonlayer_to_hf(mcore_state: Mapping[str, Tensor], cfg: Any) -> dict[st
 
 def hf_to_mcore(hf_state: Mapping[str, Tensor], cfg: Any) -> dict[str, Tensor]:
     """Full (unsharded, global layer index) Megatron GPTModel state dict from an HF Qwen3 state."""
-    d = qwen3_dims(cfg)
+    d = _spec(cfg)
     out = hf_nonlayer_to_mcore(hf_state, d)
-    for i in range(d.num_hidden_layers):
+    for i in range(d.num_layers):
         out.update(hf_layer_to_mcore(hf_state, d, i))
     return out
 
 
 def mcore_to_hf(mcore_state: Mapping[str, Tensor], cfg: Any) -> dict[str, Tensor]:
     """Exact inverse of hf_to_mcore."""
-    d = qwen3_dims(cfg)
+    d = _spec(cfg)
     out = mcore_nonlayer_to_hf(mcore_state, d)
-    for i in range(d.num_hidden_layers):
+    for i in range(d.num_layers):
         out.update(mcore_layer_to_hf(mcore_state, d, i))
     return out
 
@@ -326,10 +270,10 @@ def stage_of_layer(index: int, num_layers: int, pp: int) -> int:
 def check_parallel_sizes(cfg: Any, tp: int, pp: int = 1) -> None:
     """Raise CheckpointError unless tp and pp split this model the way Megatron needs: whole KV
     groups and heads per tensor-parallel rank, and an even layer split across pipeline stages."""
-    d = qwen3_dims(cfg)
-    sizes = {"num_key_value_heads": d.num_key_value_heads, "num_attention_heads": d.num_attention_heads,
+    d = _spec(cfg)
+    sizes = {"num_key_value_heads": d.num_kv_heads, "num_attention_heads": d.num_heads,
              "intermediate_size": d.intermediate_size, "vocab_size": d.vocab_size}
     for field, size in sizes.items():
-        if tp < 1 or (size is not None and size % tp != 0):
+        if tp < 1 or size % tp != 0:
             raise CheckpointError(f"{field}={size} is not divisible by tensor-parallel size {tp}")
-    stage_layers(d.num_hidden_layers, pp, 0)
+    stage_layers(d.num_layers, pp, 0)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from .hf_io import atomic_output_dir
+from ..io import atomic_output_dir
 
 
 @dataclass

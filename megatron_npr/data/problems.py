@@ -91,7 +91,11 @@ def load_problems(path: str | Path, *, source: str | None = None, skip_bad: bool
     """Problems of an ORZ collection or a benchmark file (format detected from the records).
     A bad record raises ProblemFormatError naming file and index, or with `skip_bad` is skipped
     and counted in a warning."""
-    path = Path(path)
+    return _read_problems(Path(path), source, skip_bad)[0]
+
+
+def _read_problems(path: Path, source: str | None, skip_bad: bool) -> tuple[list[Problem], list[str]]:
+    """(problems, "record i: why" of every skipped record)."""
     source = source or path.stem.split(".")[0]
     records = _load_records(path)
     orz = bool(records) and isinstance(records[0], list)
@@ -106,4 +110,32 @@ def load_problems(path: str | Path, *, source: str | None = None, skip_bad: bool
             skipped.append(f"record {i}: {e}")
     if skipped:
         log.warning("%s: skipped %d bad record(s), first: %s", path, len(skipped), skipped[0])
-    return problems
+    return problems, skipped
+
+
+@dataclass
+class ProblemSet:
+    problems: list[Problem]
+    path: str
+    skipped: int = 0  # bad records skipped (skip_bad)
+    skipped_first: str | None = None  # "record i: why" of the first one
+
+    def skipped_report(self) -> str | None:
+        if not self.skipped:
+            return None
+        return f"{self.path}: skipped {self.skipped} bad record(s), first: {self.skipped_first}"
+
+
+def load_problem_set(path: str | Path, *, source: str | None = None, skip_bad: bool = False,
+                     limit: int | None = None) -> ProblemSet:
+    """load_problems with the skipped-record count kept, the limit applied, and ids checked
+    unique (resuming and seeding key on them)."""
+    problems, skipped = _read_problems(Path(path), source, skip_bad)
+    if limit is not None:
+        problems = problems[:limit]
+    seen: dict[str, int] = {}
+    for i, p in enumerate(problems):
+        if p.id in seen:
+            raise ValueError(f"{path}: problems {seen[p.id]} and {i} share the id {p.id!r}; ids must be unique")
+        seen[p.id] = i
+    return ProblemSet(problems, str(path), len(skipped), skipped[0] if skipped else None)

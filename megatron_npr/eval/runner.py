@@ -7,48 +7,22 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..rollout.sampling import SamplingParams
-from .common import (
-    DataConfig,
-    GraderConfig,
-    ModelConfig,
-    load_engine,
-    load_problem_set,
-    load_tokenizer_for,
-    open_grader,
-    problem_seed,
-    response_text,
-    write_json_atomic,
-)
+from ..data.problems import load_problem_set
+from ..data.tokenizer import NPRVocab
+from ..io import write_json_atomic
+from ..rewards import open_grader
+from ..rollout import RolloutBackend, SamplingParams
+from ..seeding import problem_seed
+from ..sections import DataSection, EngineSection, GraderSection
 from .metrics import EvalResult, sample_record, summarize
 
 
 @dataclass
-class EvalSamplingConfig:
-    n: int = 1  # samples per problem (avg@n, best@n)
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
-    max_new_tokens: int = 1024
-    parallel: bool = True  # False: the same format decoded sequentially
-    max_depth: int = 1
-    max_branches: int = 8
-    seed: int = 0
-
-    def __post_init__(self):
-        self.params()  # SamplingParams names the offending field
-
-    def params(self, **changes) -> SamplingParams:
-        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        return SamplingParams(**(fields | changes))
-
-
-@dataclass
 class EvalConfig:
-    model: ModelConfig
-    data: DataConfig
-    sampling: EvalSamplingConfig = field(default_factory=EvalSamplingConfig)
-    grader: GraderConfig = field(default_factory=GraderConfig)
+    engine: EngineSection
+    data: DataSection
+    sampling: SamplingParams = field(default_factory=SamplingParams)  # n: samples per problem (avg@n, best@n)
+    grader: GraderSection = field(default_factory=GraderSection)
     batch_problems: int = 32  # problems per engine.generate call
     measure_speedup: int = 16  # valid parallel responses replayed for the measured speedup (0: off)
     out: str | None = None  # JSON file for the result
@@ -60,8 +34,9 @@ class EvalConfig:
             raise ValueError(f"measure_speedup must be >= 0, got {self.measure_speedup}")
 
 
-def evaluate(engine, tokenizer, tags, problems, params: SamplingParams, grader, measure_speedup: int = 16,
-             progress: bool = True, batch_problems: int = 32, instruction: str | None = None) -> EvalResult:
+def evaluate(engine: RolloutBackend, vocab: NPRVocab, problems, params: SamplingParams, grader,
+             measure_speedup: int = 16, progress: bool = True, batch_problems: int = 32,
+             instruction: str | None = None) -> EvalResult:
     """avg@n, best@n, format validity, trigger rate, branches per block, ideal and measured speedup.
 
     Each problem is sampled with its own seed (problem_seed), so results do not depend on batching.
@@ -74,11 +49,11 @@ def evaluate(engine, tokenizer, tags, problems, params: SamplingParams, grader, 
     try:
         for start in range(0, len(problems), batch_problems):
             batch = problems[start:start + batch_problems]
-            rollouts = _generate(engine, tokenizer, batch, params, instruction)
+            rollouts = _generate(engine, vocab, batch, params, instruction)
             golds = [p.answer for p in batch for _ in range(params.n)]
-            correct = grader.grade([response_text(tokenizer, r) for r in rollouts], golds)
+            correct = grader.grade([vocab.decode(r.token_ids[r.response_start:]) for r in rollouts], golds)
             for j, (rollout, ok) in enumerate(zip(rollouts, correct)):
-                record = sample_record(start + j // params.n, rollout, ok, tags, params.max_depth)
+                record = sample_record(start + j // params.n, rollout, ok, vocab.tags, params.max_depth)
                 records.append(record)
                 if record.valid and record.branches_per_block and len(replayable) < measure_speedup:
                     replayable.append(rollout)
@@ -94,10 +69,10 @@ def evaluate(engine, tokenizer, tags, problems, params: SamplingParams, grader, 
     return result
 
 
-def _generate(engine, tokenizer, batch, params: SamplingParams, instruction: str | None):
-    from ..data.prompts import NPR_INSTRUCTION, prompt_ids
+def _generate(engine: RolloutBackend, vocab: NPRVocab, batch, params: SamplingParams, instruction: str | None):
+    from ..data.prompts import NPR_INSTRUCTION
     instruction = NPR_INSTRUCTION if instruction is None else instruction
-    prompts = [prompt_ids(p.question, tokenizer, instruction) for p in batch]
+    prompts = [vocab.prompt_ids(p.question, instruction) for p in batch]
     return engine.generate(prompts, params, seeds=[problem_seed(params.seed, p.id) for p in batch])
 
 
@@ -130,19 +105,20 @@ def measure_decode_speedup(engine, rollouts, params: SamplingParams) -> tuple[fl
     return seq_total, par_total, count
 
 
-def run_eval(cfg: EvalConfig, engine=None, tokenizer=None, tags=None, progress: bool = True) -> EvalResult:
-    """Load problems, model and grader from the config, evaluate, and write `cfg.out` (JSON)."""
+def run_eval(cfg: EvalConfig, engine: RolloutBackend | None = None, vocab: NPRVocab | None = None,
+             progress: bool = True) -> EvalResult:
+    """Load problems, engine and grader from the config, evaluate, and write `cfg.out` (JSON)."""
     from ..config import config_to_dict
 
-    data = load_problem_set(cfg.data)
+    d = cfg.data
+    data = load_problem_set(d.path, source=d.source, skip_bad=d.skip_bad, limit=d.limit)
     if data.skipped and progress:
         print(data.skipped_report())
-    if tokenizer is None or tags is None:
-        tokenizer, tags = load_tokenizer_for(cfg.model)
-    engine = engine if engine is not None else load_engine(cfg.model)
+    vocab = vocab or cfg.engine.vocab()
+    engine = engine if engine is not None else cfg.engine.build()
     with open_grader(cfg.grader, data.problems) as grader:
-        result = evaluate(engine, tokenizer, tags, data.problems, cfg.sampling.params(), grader,
-                          cfg.measure_speedup, progress, cfg.batch_problems, cfg.data.instruction_text())
+        result = evaluate(engine, vocab, data.problems, cfg.sampling, grader, cfg.measure_speedup, progress,
+                          cfg.batch_problems, d.instruction_text())
     if cfg.out:
         report = {"config": config_to_dict(cfg), "result": result.to_json(),
                   "data": {"path": data.path, "problems": len(data.problems), "skipped_records": data.skipped,

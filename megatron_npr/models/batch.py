@@ -1,12 +1,13 @@
 """A batch of packed NPR rows, as the model consumes it."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields, replace
 from typing import Sequence
 
 import torch
 
 from ..topology import Layout, PackedRow
+from ..topology.packing import combine_extras
 
 
 @dataclass
@@ -18,6 +19,7 @@ class NPRBatch:
     hole_hi: torch.Tensor  # [b, D, s] int64
     loss_mask: torch.Tensor  # [b, s] bool: tokens that are trained on
     doc_offsets: list[tuple[int, ...]]  # per row, cu_seqlens style
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # [b, s] per-token fields of the rows
 
     @classmethod
     def from_rows(cls, rows: Sequence[PackedRow], length: int | None = None, pad_id: int = 0) -> "NPRBatch":
@@ -35,7 +37,14 @@ class NPRBatch:
                    torch.stack([lay.hole_lo for lay in layouts]),
                    torch.stack([lay.hole_hi for lay in layouts]),
                    torch.stack([r.loss_mask for r in rows]),
-                   [r.doc_offsets for r in rows])
+                   [r.doc_offsets for r in rows],
+                   combine_extras([(r.extras, r.num_tokens) for r in rows], torch.stack))
+
+    def to(self, device) -> "NPRBatch":
+        """The same batch with every tensor on `device` (extras included)."""
+        move = {f.name: getattr(self, f.name).to(device) for f in fields(self) if isinstance(getattr(self, f.name),
+                                                                                             torch.Tensor)}
+        return replace(self, **move, extras={k: v.to(device) for k, v in self.extras.items()})
 
     def layout(self, row: int) -> Layout:
         return Layout(self.position_ids[row], self.doc_start[row], self.hole_lo[row], self.hole_hi[row])
@@ -52,3 +61,4 @@ class NPRBatch:
         valid = torch.zeros_like(self.loss_mask)
         valid[:, :-1] = self.loss_mask[:, 1:] & (self.doc_start[:, 1:] == self.doc_start[:, :-1])
         return nxt, valid
+

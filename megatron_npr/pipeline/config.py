@@ -1,9 +1,13 @@
-"""Configuration of `npr pipeline`: the whole recipe on a tiny model, stage by stage."""
+"""Configuration of `npr pipeline`: the whole recipe on a tiny model, stage by stage. The stage
+sections hold the shared sections (`sampling:` is SamplingParams, `optim:` OptimSection), which the
+pipeline hands to each stage as they are."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from ..checkpoint.tiny import TinyQwen3
+from ..rollout.sampling import SamplingParams
+from ..sections import OptimSection
 
 
 @dataclass
@@ -31,33 +35,34 @@ class BootstrapSection:
 
 
 @dataclass
-class SampleSection:
+class SampleStage:
+    """Rejection sampling (training.rejection); `sampling.n` draws per problem per round."""
     max_samples: int = 4  # K draws per problem
-    samples_per_round: int = 4
-    temperature: float = 0.5  # at 1.0 a tiny model's correct answers are mostly lucky guesses
-    max_new_tokens: int = 192
-    parallel: bool = True  # a model trained under the branch mask is sampled the way it was trained
     batch_problems: int = 64
+    # T=0.5: at 1.0 a tiny model's correct answers are mostly lucky guesses; parallel: a model
+    # trained under the branch mask is sampled the way it was trained
+    sampling: SamplingParams = field(default_factory=lambda: SamplingParams(
+        n=4, temperature=0.5, max_new_tokens=192, parallel=True))
 
 
 @dataclass
-class StageSFTSection:
+class SFTStage:
+    """`npr sft` on the accepted samples (training.sft_config)."""
     epochs: float = 2.0
-    lr: float = 3e-5  # higher rates lower held-out accuracy more (README: the main job)
-    min_lr: float = 3e-6
-    warmup_steps: int = 5
-    weight_decay: float = 0.0
     global_batch_rows: int = 2
     max_tokens: int = 1024
+    # higher rates lower held-out accuracy more (README: the main job)
+    optim: OptimSection = field(default_factory=lambda: OptimSection(lr=3e-5, min_lr=3e-6, warmup_steps=5,
+                                                                     weight_decay=0.0))
 
 
 @dataclass
-class EvalSection:
-    n: int = 1
-    temperature: float = 0.0  # greedy: a deterministic before/after comparison
-    max_new_tokens: int = 192
+class EvalStage:
+    """`npr eval` before and after (eval.runner); greedy: a deterministic before/after comparison."""
     measure_speedup: int = 16
     batch_problems: int = 100
+    sampling: SamplingParams = field(default_factory=lambda: SamplingParams(n=1, temperature=0.0,
+                                                                            max_new_tokens=192))
 
 
 @dataclass
@@ -67,6 +72,6 @@ class PipelineConfig:
     model: TinyQwen3 = field(default_factory=lambda: TinyQwen3(num_hidden_layers=4, intermediate_size=256))
     synth: SynthSection = field(default_factory=SynthSection)
     bootstrap: BootstrapSection = field(default_factory=BootstrapSection)
-    sample: SampleSection = field(default_factory=SampleSection)
-    sft: StageSFTSection = field(default_factory=StageSFTSection)
-    eval: EvalSection = field(default_factory=EvalSection)
+    sample: SampleStage = field(default_factory=SampleStage)
+    sft: SFTStage = field(default_factory=SFTStage)
+    eval: EvalStage = field(default_factory=EvalStage)

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..io import write_json_atomic
+
 ROWS = (("accuracy", "accuracy"), ("format validity", "format_validity"),
         ("parallel trigger rate", "parallel_trigger_rate"), ("ideal speedup", "ideal_speedup"),
         ("measured speedup", "measured_speedup"), ("mean response tokens", "mean_response_tokens"))
@@ -70,7 +72,7 @@ def write_report(out: Path, before: dict, after: dict, rejection: dict, timings:
     folder = out / "report"
     folder.mkdir(parents=True, exist_ok=True)
     report = {"before": before, "after": after, "rejection_sampling": rejection, "stage_seconds": timings}
-    (folder / "metrics.json").write_text(json.dumps(report, indent=2))
+    write_json_atomic(folder / "metrics.json", report, sort_keys=False)
     _plot_bars(before, after, folder / "eval.png")
     _plot_losses(out, folder / "loss.png")
     print(table(before, after))

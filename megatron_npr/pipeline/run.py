@@ -13,14 +13,9 @@ import time
 from pathlib import Path
 
 from ..data.synth import make_synth_dataset
+from ..io import write_json_atomic, write_jsonl_atomic
+from ..sections import DataSection, EngineSection, GraderSection
 from .config import PipelineConfig
-
-
-def _write_jsonl(path: Path, rows) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    tmp.replace(path)
 
 
 def make_data(cfg: PipelineConfig, out: Path) -> dict[str, Path]:
@@ -39,41 +34,40 @@ def make_data(cfg: PipelineConfig, out: Path) -> dict[str, Path]:
     if len(unique) < need:
         raise ValueError(f"synth: only {len(unique)} distinct questions for {need} problems; raise parts or digits")
     ev, sm, bs = unique[:s.eval], unique[s.eval:s.eval + s.sample], unique[s.eval + s.sample:need]
-    _write_jsonl(paths["bootstrap"], [p.to_json() | {"solution": sol} for p, sol in bs])
-    _write_jsonl(paths["sample"], [p.to_json() for p, _ in sm])
-    _write_jsonl(paths["eval"], [p.to_json() for p, _ in ev])
+    write_jsonl_atomic(paths["bootstrap"], [p.to_json() | {"solution": sol} for p, sol in bs])
+    write_jsonl_atomic(paths["sample"], [p.to_json() for p, _ in sm])
+    write_jsonl_atomic(paths["eval"], [p.to_json() for p, _ in ev])
     return paths
+
+
+def _engine(hf_dir: Path) -> EngineSection:
+    return EngineSection(hf_dir=str(hf_dir), kv_slots=1 << 17)
+
+
+def _synth_data(path: Path) -> DataSection:
+    return DataSection(path=str(path), source="synth", instruction="none")  # the tiny model never saw it
 
 
 def evaluate_model(cfg: PipelineConfig, hf_dir: Path, eval_path: Path, out_json: Path) -> dict:
     """`npr eval` on the held-out set (greedy by default, parallel decoding, exact-integer grading)."""
-    from ..eval.common import DataConfig, GraderConfig, ModelConfig
-    from ..eval.runner import EvalConfig, EvalSamplingConfig, run_eval
+    from ..eval.runner import EvalConfig, run_eval
 
     if out_json.is_file():
         return json.loads(out_json.read_text())
     e = cfg.eval
-    result = run_eval(EvalConfig(model=ModelConfig(hf_dir=str(hf_dir), kv_slots=1 << 17),
-                                 data=DataConfig(path=str(eval_path), source="synth", instruction="none"),
-                                 sampling=EvalSamplingConfig(n=e.n, temperature=e.temperature,
-                                                             max_new_tokens=e.max_new_tokens, parallel=True),
-                                 grader=GraderConfig(kind="exact_int"), batch_problems=e.batch_problems,
+    result = run_eval(EvalConfig(engine=_engine(hf_dir), data=_synth_data(eval_path), sampling=e.sampling,
+                                 grader=GraderSection(kind="exact_int"), batch_problems=e.batch_problems,
                                  measure_speedup=e.measure_speedup)).to_json()
-    out_json.write_text(json.dumps(result, indent=2))
+    write_json_atomic(out_json, result, sort_keys=False)
     return result
 
 
 def rejection_sample(cfg: PipelineConfig, hf_dir: Path, problems: Path, out: Path) -> dict:
-    from ..eval.common import DataConfig, ModelConfig
-    from ..training.rejection import RejectionConfig, RejectionSamplingConfig, run_rejection_sampling
+    from ..training.rejection import RejectionConfig, run_rejection_sampling
 
     s = cfg.sample
-    rs = RejectionConfig(model=ModelConfig(hf_dir=str(hf_dir), kv_slots=1 << 17),
-                         data=DataConfig(path=str(problems), source="synth", instruction="none"),
-                         sampling=RejectionSamplingConfig(
-                             max_samples=s.max_samples, samples_per_round=s.samples_per_round,
-                             temperature=s.temperature, max_new_tokens=s.max_new_tokens, parallel=s.parallel),
-                         batch_problems=s.batch_problems, out=str(out))
+    rs = RejectionConfig(engine=_engine(hf_dir), data=_synth_data(problems), out=str(out), sampling=s.sampling,
+                         max_samples=s.max_samples, batch_problems=s.batch_problems)
     return run_rejection_sampling(rs).to_json()
 
 
@@ -86,25 +80,24 @@ def sft(cfg: PipelineConfig, hf_dir: Path, data: Path, out: Path, export: Path) 
     import yaml
 
     from ..config import config_to_dict
-    from ..training.sft_config import DataSection, ModelSection, OptimSection, SFTConfig, TrainSection
+    from ..io import atomic_write_text
+    from ..sections import ModelSection
+    from ..training.sft_config import SFTConfig, SFTDataSection, TrainSection
 
     s = cfg.sft
     sft_cfg = SFTConfig(model=ModelSection(hf_dir=str(hf_dir)),
-                        data=DataSection(path=str(data), max_tokens=s.max_tokens, instruction="none"),
+                        data=SFTDataSection(path=str(data), max_tokens=s.max_tokens, instruction="none"),
                         train=TrainSection(out_dir=str(out), epochs=s.epochs, global_batch_rows=s.global_batch_rows,
                                            export_hf=str(export)),
-                        optim=OptimSection(lr=s.lr, min_lr=s.min_lr, warmup_steps=s.warmup_steps,
-                                           weight_decay=s.weight_decay))
-    out.mkdir(parents=True, exist_ok=True)
-    config_path = out / "sft.yaml"
-    config_path.write_text(yaml.safe_dump(config_to_dict(sft_cfg), sort_keys=False))
+                        optim=s.optim)
+    config_path = atomic_write_text(out / "sft.yaml", yaml.safe_dump(config_to_dict(sft_cfg), sort_keys=False))
     subprocess.run([sys.executable, "-m", "megatron_npr.cli", "sft", str(config_path)], check=True)
     return json.loads((out / "summary.json").read_text())
 
 
 def run_pipeline(cfg: PipelineConfig) -> dict:
     from ..checkpoint.tiny import write_random_qwen3
-    from ..data.tokenizer import load_tokenizer
+    from ..data.tokenizer import load_vocab
     from ..training.sft_data import load_sft_samples
     from .bootstrap import bootstrap_tiny
     from .report import write_report
@@ -119,20 +112,20 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         t0 = time.perf_counter()
         print(f"[pipeline] {stage} done in {timings[stage]} s", flush=True)
 
-    tokenizer, tags = load_tokenizer(cfg.tokenizer)
+    vocab = load_vocab(tokenizer_dir=cfg.tokenizer)
     init_dir, boot_dir, sft_dir = out / "model_init", out / "model_bootstrap", out / "model_sft"
     if not init_dir.is_dir():
-        write_random_qwen3(init_dir, tokenizer, cfg.model)
+        write_random_qwen3(init_dir, vocab.tokenizer, cfg.model)
     mark("model")
     data = make_data(cfg, out)
     mark("data")
     if not boot_dir.is_dir():
-        samples, drops = load_sft_samples(data["bootstrap"], tokenizer, tags, max_tokens=cfg.bootstrap.max_tokens,
+        samples, drops = load_sft_samples(data["bootstrap"], vocab, max_tokens=cfg.bootstrap.max_tokens,
                                           instruction="")
         b = cfg.bootstrap
         boot = bootstrap_tiny(init_dir, samples, boot_dir, steps=b.steps, lr=b.lr, rows_per_step=b.rows_per_step,
                               max_tokens=b.max_tokens, seed=cfg.synth.seed)
-        (out / "bootstrap.json").write_text(json.dumps(boot))
+        write_json_atomic(out / "bootstrap.json", boot, indent=None, sort_keys=False)
     mark("bootstrap")
     before = evaluate_model(cfg, boot_dir, data["eval"], out / "eval_before.json")
     mark("eval_before")

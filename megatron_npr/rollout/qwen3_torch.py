@@ -3,83 +3,23 @@
 Every token of every live sequence owns one KV slot. Callers say explicitly which slots each query
 may attend to and at which position each token sits, so one call can decode NPR branches (shared
 prefix + own slots, no siblings) and joins (prefix + all branches) without a per-layout kernel.
-Numerics follow HF transformers' Qwen3 (RMSNorm in float32, rotate_half RoPE, GQA, SwiGLU).
+Numerics follow HF transformers' Qwen3 (RMSNorm in float32, rotate_half RoPE, GQA, SwiGLU); the
+config, tensor names and shapes are those of models/qwen3_hf.py.
 """
 from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
 from typing import Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..models.qwen3_hf import EMBED, FINAL_NORM, LM_HEAD, Qwen3Spec, layer_prefix, tensor_shapes
+
 # Gathered K plus V for one query chunk stays under this many elements (bounds peak memory).
 GATHER_BUDGET = 64 * 1024 * 1024
-
-EMBED, FINAL_NORM, LM_HEAD = "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"
-LAYER_PREFIX = "model.layers.{}."
-
-
-@dataclass(frozen=True)
-class Qwen3Spec:
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    rms_norm_eps: float
-    rope_theta: float
-    tie_word_embeddings: bool
-
-    def __post_init__(self):
-        if self.num_kv_heads <= 0 or self.num_heads % self.num_kv_heads:
-            raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
-        if self.head_dim % 2:
-            raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
-
-    @classmethod
-    def from_hf_config(cls, cfg: dict) -> "Qwen3Spec":
-        """From an HF Qwen3 config.json dict (transformers 4 or 5 layout)."""
-        rope = cfg.get("rope_parameters") or {}
-        theta = rope.get("rope_theta", cfg.get("rope_theta"))
-        if theta is None:
-            raise ValueError("config has neither rope_parameters.rope_theta nor rope_theta")
-        # Only plain RoPE and full attention are implemented; anything else would silently differ.
-        rope_type = rope.get("rope_type") or (cfg.get("rope_scaling") or {}).get("rope_type", "default")
-        if rope_type != "default":
-            raise ValueError(f"rope_type={rope_type!r} is not supported (only 'default')")
-        if cfg.get("attention_bias") or cfg.get("use_sliding_window"):
-            raise ValueError("attention_bias / use_sliding_window are not supported for Qwen3 dense")
-        hidden, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
-        return cls(vocab_size=int(cfg["vocab_size"]), hidden_size=hidden,
-                   intermediate_size=int(cfg["intermediate_size"]), num_layers=int(cfg["num_hidden_layers"]),
-                   num_heads=heads, num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
-                   head_dim=int(cfg.get("head_dim") or hidden // heads),
-                   rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), rope_theta=float(theta),
-                   tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)))
-
-
-def expected_shapes(spec: Qwen3Spec) -> dict[str, tuple[int, ...]]:
-    """Every HF tensor name the forward needs, with its shape."""
-    h, d, inter = spec.hidden_size, spec.head_dim, spec.intermediate_size
-    per_layer = {
-        "input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,),
-        "self_attn.q_proj.weight": (spec.num_heads * d, h), "self_attn.k_proj.weight": (spec.num_kv_heads * d, h),
-        "self_attn.v_proj.weight": (spec.num_kv_heads * d, h), "self_attn.o_proj.weight": (h, spec.num_heads * d),
-        "self_attn.q_norm.weight": (d,), "self_attn.k_norm.weight": (d,),
-        "mlp.gate_proj.weight": (inter, h), "mlp.up_proj.weight": (inter, h), "mlp.down_proj.weight": (h, inter),
-    }
-    shapes = {EMBED: (spec.vocab_size, h), FINAL_NORM: (h,)}
-    for i in range(spec.num_layers):
-        shapes.update({LAYER_PREFIX.format(i) + name: shape for name, shape in per_layer.items()})
-    if not spec.tie_word_embeddings:
-        shapes[LM_HEAD] = (spec.vocab_size, h)
-    return shapes
 
 
 class Qwen3Weights:
@@ -88,7 +28,7 @@ class Qwen3Weights:
 
     def __init__(self, spec: Qwen3Spec, tensors: Mapping[str, Tensor], dtype=torch.float32, device="cpu"):
         self.spec, self.dtype, self.device = spec, dtype, torch.device(device)
-        self.shapes = expected_shapes(spec)
+        self.shapes = tensor_shapes(spec)
         self.tensors: dict[str, Tensor] = {}
         for name, shape in self.shapes.items():  # extra names (e.g. a tied lm_head copy) are ignored
             if name not in tensors:
@@ -98,14 +38,14 @@ class Qwen3Weights:
                 raise ValueError(f"tensor {name!r} has shape {tuple(src.shape)}, expected {shape}")
             self.tensors[name] = src.detach().to(device=self.device, dtype=dtype, copy=True)
         # Per-layer views by short name; update() copies in place, so these stay current.
-        self.layers = [{name[len(LAYER_PREFIX.format(i)):]: t for name, t in self.tensors.items()
-                        if name.startswith(LAYER_PREFIX.format(i))} for i in range(spec.num_layers)]
+        self.layers = [{name[len(layer_prefix(i)):]: t for name, t in self.tensors.items()
+                        if name.startswith(layer_prefix(i))} for i in range(spec.num_layers)]
         self.lm_head = self.tensors[EMBED if spec.tie_word_embeddings else LM_HEAD]
 
     @classmethod
     def from_hf(cls, hf_dir: str | os.PathLike, dtype=torch.float32, device="cpu") -> "Qwen3Weights":
-        from megatron_npr.checkpoint import open_hf_weights, read_hf_config
-        spec = Qwen3Spec.from_hf_config(read_hf_config(hf_dir))
+        from megatron_npr.checkpoint import open_hf_weights
+        spec = Qwen3Spec.from_hf_config(hf_dir)
         with open_hf_weights(hf_dir) as lazy:  # loads one tensor at a time
             return cls(spec, lazy, dtype=dtype, device=device)
 

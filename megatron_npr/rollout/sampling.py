@@ -1,7 +1,6 @@
 """Sampling parameters and the per-stream sampler."""
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -29,12 +28,6 @@ class SamplingParams:
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             raise ValueError(f"SamplingParams: invalid {', '.join(f'{b}={getattr(self, b)!r}' for b in bad)}")
-
-
-def stream_seed(*parts: int) -> int:
-    """A distinct, reproducible 63-bit seed for each (seed, prompt, sample, branch path)."""
-    digest = hashlib.blake2b(".".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
 
 
 def penalise(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:

@@ -48,10 +48,11 @@ class Layout:
         return self.hole_lo.shape[0]
 
     def dense_mask(self) -> torch.Tensor:
-        """bool [L, L]: True where query row q may attend key column k (the CPU reference)."""
-        L = self.num_tokens
-        q = torch.arange(L).unsqueeze(1)
-        k = torch.arange(L).unsqueeze(0)
+        """bool [L, L]: True where query row q may attend key column k (the reference), on the
+        layout's device."""
+        L, device = self.num_tokens, self.doc_start.device
+        q = torch.arange(L, device=device).unsqueeze(1)
+        k = torch.arange(L, device=device).unsqueeze(0)
         mask = (k <= q) & (k >= self.doc_start.unsqueeze(1))
         for lo, hi in zip(self.hole_lo, self.hole_hi):
             mask &= ~((k >= lo.unsqueeze(1)) & (k < hi.unsqueeze(1)))

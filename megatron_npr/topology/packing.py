@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
 
 import torch
 
@@ -17,6 +17,8 @@ class PackSample:
     token_ids: torch.Tensor  # [n] int64
     loss_mask: torch.Tensor  # [n] bool: True where the token is trained on
     layout: Layout  # one document of n tokens
+    # optional per-token fields ([n] each: advantages, rollout log-probs, ...), packed like loss_mask
+    extras: Mapping[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,7 @@ class PackedRow:
     layout: Layout  # documents concatenated; positions restart at 0 in each
     sample_indices: tuple[int, ...]  # which input samples, in row order (-1 = padding)
     doc_offsets: tuple[int, ...]  # document boundaries, cu_seqlens style: 0, ..., L
+    extras: Mapping[str, torch.Tensor] = field(default_factory=dict)  # [L] each; zero on padding
 
     @property
     def num_tokens(self) -> int:
@@ -42,7 +45,8 @@ class PackedRow:
             torch.cat([self.token_ids, torch.full((extra,), pad_id, dtype=self.token_ids.dtype)]),
             torch.cat([self.loss_mask, torch.zeros(extra, dtype=torch.bool)]),
             Layout.concat([self.layout, Layout.causal(extra, self.layout.depth)]),
-            self.sample_indices + (-1,), self.doc_offsets + (length,))
+            self.sample_indices + (-1,), self.doc_offsets + (length,),
+            {k: torch.cat([v, v.new_zeros(extra)]) for k, v in self.extras.items()})
 
 
 class PackingError(ValueError):
@@ -55,15 +59,30 @@ class PackingError(ValueError):
 
 def _as_sample(i: int, s) -> PackSample:
     token_ids, loss_mask, layout = (s.token_ids, s.loss_mask, s.layout) if isinstance(s, PackSample) else s
+    extras = dict(s.extras) if isinstance(s, PackSample) else {}
     token_ids = torch.as_tensor(token_ids, dtype=torch.long)
     loss_mask = torch.as_tensor(loss_mask, dtype=torch.bool)
     n = token_ids.shape[0]
     if token_ids.dim() != 1 or loss_mask.shape != (n,) or layout.num_tokens != n:
         raise PackingError(f"sample {i}: token_ids {tuple(token_ids.shape)}, loss_mask {tuple(loss_mask.shape)} "
                            f"and layout ({layout.num_tokens} tokens) must be 1-D and equally long")
+    bad = [k for k, v in extras.items() if v.shape != (n,)]
+    if bad:
+        raise PackingError(f"sample {i}: extras {bad} must be [{n}] like the tokens")
     if n == 0:
         raise PackingError(f"sample {i} is empty")
-    return PackSample(token_ids, loss_mask, layout)
+    return PackSample(token_ids, loss_mask, layout, extras)
+
+
+def combine_extras(parts: Sequence[tuple[Mapping[str, torch.Tensor], int]],
+                   join=torch.cat) -> dict[str, torch.Tensor]:
+    """Join per-token extras of several (extras, n_tokens) parts with `join` (cat for documents
+    of a row, stack for rows of a batch); a part without a field gets zeros for it."""
+    out = {}
+    for name in sorted({k for extras, _ in parts for k in extras}):
+        like = next(extras[name] for extras, _ in parts if name in extras)
+        out[name] = join([extras.get(name, like.new_zeros(n)) for extras, n in parts])
+    return out
 
 
 def _first_fit(lengths: Sequence[int], order: Sequence[int], capacity: int) -> list[list[int]]:
@@ -116,5 +135,6 @@ def pack(samples: Sequence, max_tokens: int, *, drop_overlong: bool = False) -> 
             torch.cat([items[i].token_ids for i in members]),
             torch.cat([items[i].loss_mask for i in members]),
             Layout.concat([items[i].layout for i in members]),
-            tuple(members), tuple(offsets)))
+            tuple(members), tuple(offsets),
+            combine_extras([(items[i].extras, lengths[i]) for i in members])))
     return rows

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from ..checkpoint.megatron_io import NPR_META, is_weight_name
+from ..io import atomic_write_text
 
 LATEST = "latest"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -44,15 +45,6 @@ def crash_point(point: str, step: int) -> None:
     """Tests kill a run at a chosen point with NPR_TEST_CRASH=point:step (exit without cleanup)."""
     if os.environ.get("NPR_TEST_CRASH") == f"{point}:{step}":
         os._exit(17)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def latest_checkpoint(root: str | Path) -> Path | None:
@@ -116,7 +108,7 @@ def save_checkpoint(root: str | Path, step: int, model, optimizer, scheduler, tr
         if final.exists():  # a re-run of the same step (e.g. after resume): replace it
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _atomic_write_text(root / LATEST, final.name + "\n")
+        atomic_write_text(root / LATEST, final.name + "\n")
         _prune(root, keep_last)
     _barrier()
     return final

@@ -11,69 +11,35 @@ resuming, and records are written in problem order: a resumed run ends with the 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
-import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..data.problems import Problem
-from ..eval.common import (
-    DataConfig,
-    GraderConfig,
-    ModelConfig,
-    load_engine,
-    load_problem_set,
-    load_tokenizer_for,
-    open_grader,
-    problem_seed,
-    response_text,
-    write_json_atomic,
-)
+from ..data.problems import Problem, load_problem_set
+from ..data.tokenizer import NPRVocab
 from ..eval.metrics import check_structure
-from ..rollout.sampling import SamplingParams
+from ..io import append_jsonl, write_json_atomic
+from ..rewards import open_grader
+from ..rollout import RolloutBackend, SamplingParams
+from ..seeding import problem_seed
+from ..sections import DataSection, EngineSection, GraderSection
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class RejectionSamplingConfig:
-    max_samples: int = 8  # K: draws per problem before it is rejected
-    samples_per_round: int = 4  # draws per problem per engine call
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
-    max_new_tokens: int = 1024
-    parallel: bool = False  # the paper samples stage 2 sequentially (the NPR format, decoded causally)
-    max_depth: int = 1
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.max_samples < 1:
-            raise ValueError(f"max_samples must be >= 1, got {self.max_samples}")
-        if not 1 <= self.samples_per_round <= self.max_samples:
-            raise ValueError(f"samples_per_round must be in [1, max_samples={self.max_samples}], "
-                             f"got {self.samples_per_round}")
-        self.params(1)  # SamplingParams names any other bad field
-
-    def params(self, n: int) -> SamplingParams:
-        return SamplingParams(n=n, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-                              max_new_tokens=self.max_new_tokens, parallel=self.parallel,
-                              max_depth=self.max_depth, seed=self.seed)
-
-    @property
-    def rounds(self) -> int:
-        return -(-self.max_samples // self.samples_per_round)
-
-
-@dataclass
 class RejectionConfig:
-    model: ModelConfig
-    data: DataConfig
+    engine: EngineSection
+    data: DataSection
     out: str  # JSONL of accepted records
-    sampling: RejectionSamplingConfig = field(default_factory=RejectionSamplingConfig)
-    grader: GraderConfig = field(default_factory=GraderConfig)
+    # n: draws per problem per engine call (a round); the paper samples stage 2 sequentially
+    # (the NPR format, decoded causally)
+    sampling: SamplingParams = field(default_factory=lambda: SamplingParams(n=4, parallel=False))
+    max_samples: int = 8  # K: draws per problem before it is rejected
+    grader: GraderSection = field(default_factory=GraderSection)
     batch_problems: int = 16  # problems sampled together
     require_block: bool = True  # a response without any parallel block teaches SFT nothing about branching
 
@@ -82,6 +48,15 @@ class RejectionConfig:
             raise ValueError("out must name a JSONL file")
         if self.batch_problems < 1:
             raise ValueError(f"batch_problems must be >= 1, got {self.batch_problems}")
+        if self.max_samples < 1:
+            raise ValueError(f"max_samples must be >= 1, got {self.max_samples}")
+        if self.sampling.n > self.max_samples:
+            raise ValueError(f"sampling.n (draws per round) must be <= max_samples={self.max_samples}, "
+                             f"got {self.sampling.n}")
+
+    @property
+    def rounds(self) -> int:
+        return -(-self.max_samples // self.sampling.n)
 
 
 # ---------------------------------------------------------------- statistics
@@ -155,57 +130,56 @@ class _Attempt:
                 "drawn": self.drawn, "counts": dict(sorted(self.counts.items()))}
 
 
-def judge(rollouts, golds: list[str], tokenizer, tags, grader, max_depth: int, require_block: bool) -> list[str]:
+def judge(rollouts, golds: list[str], vocab: NPRVocab, grader, max_depth: int, require_block: bool) -> list[str]:
     """Verdict of each rollout: accepted, wrong_answer, length, or its first structural defect.
     Structure is checked on the token ids (a sequential decode only gets a causal layout); only
     valid samples are graded, on their decoded text."""
-    from ..topology import TopologyError, branch_label, inserted_mask_from_structure
-
-    def label_ids(j: int) -> list[int]:
-        return tokenizer.encode(branch_label(j), add_special_tokens=False)
+    from ..topology import TopologyError, inserted_mask_from_structure
 
     verdicts, to_grade = [], []
     for i, rollout in enumerate(rollouts):
-        structure, reason = check_structure(rollout, tags, max_depth, require_block)
+        structure, reason = check_structure(rollout, vocab.tags, max_depth, require_block)
         if structure is not None:
             try:  # a sequential sample must also be what the parallel engine would write (labels)
-                inserted_mask_from_structure(rollout.token_ids, structure, label_ids)
+                inserted_mask_from_structure(rollout.token_ids, structure, vocab.label_ids)
             except TopologyError as e:
                 reason = e.reason
         verdicts.append(reason)
         if reason is None:
             to_grade.append(i)
-    correct = grader.grade([response_text(tokenizer, rollouts[i]) for i in to_grade], [golds[i] for i in to_grade])
+    correct = grader.grade([_response_text(vocab, rollouts[i]) for i in to_grade], [golds[i] for i in to_grade])
     for i, ok in zip(to_grade, correct):
         verdicts[i] = "accepted" if ok else "wrong_answer"
     return verdicts
 
 
-def _record(problem, rollout, tokenizer, sample: int, parallel: bool) -> dict:
+def _response_text(vocab: NPRVocab, rollout) -> str:
+    return vocab.decode(rollout.token_ids[rollout.response_start:])
+
+
+def _record(problem, rollout, vocab: NPRVocab, sample: int, parallel: bool) -> dict:
     r0 = rollout.response_start
     return {"id": problem.id, "source": problem.source, "question": problem.question, "answer": problem.answer,
             "prompt_ids": list(rollout.token_ids[:r0]), "response_ids": list(rollout.token_ids[r0:]),
-            "forced": [int(bool(f)) for f in rollout.forced_mask], "response": response_text(tokenizer, rollout),
+            "forced": [int(bool(f)) for f in rollout.forced_mask], "response": _response_text(vocab, rollout),
             "sample": sample, "parallel": parallel}
 
 
-def sample_batch(engine, tokenizer, tags, grader, problems, cfg: RejectionConfig) -> list[_Attempt]:
-    """Rounds of samples_per_round draws until each problem has an accepted sample or K draws."""
-    from ..data.prompts import prompt_ids
-
+def sample_batch(engine: RolloutBackend, vocab: NPRVocab, grader, problems, cfg: RejectionConfig) -> list[_Attempt]:
+    """Rounds of sampling.n draws until each problem has an accepted sample or K draws."""
     s = cfg.sampling
     instruction = cfg.data.instruction_text()
-    attempts = [_Attempt(p, prompt_ids(p.question, tokenizer, instruction)) for p in problems]
+    attempts = [_Attempt(p, vocab.prompt_ids(p.question, instruction)) for p in problems]
     active = list(attempts)
-    for round_index in range(s.rounds):
+    for round_index in range(cfg.rounds):
         if not active:
             break
-        first = round_index * s.samples_per_round
-        n = min(s.samples_per_round, s.max_samples - first)
-        rollouts = engine.generate([a.prompt for a in active], s.params(n),
+        first = round_index * s.n
+        n = min(s.n, cfg.max_samples - first)
+        rollouts = engine.generate([a.prompt for a in active], dataclasses.replace(s, n=n),
                                    seeds=[problem_seed(s.seed, a.problem.id, round_index) for a in active])
         golds = [a.problem.answer for a in active for _ in range(n)]
-        verdicts = judge(rollouts, golds, tokenizer, tags, grader, s.max_depth, cfg.require_block)
+        verdicts = judge(rollouts, golds, vocab, grader, s.max_depth, cfg.require_block)
         for i, attempt in enumerate(active):
             attempt.drawn += n
             for k in range(n):  # sample order: the first accepted draw wins
@@ -213,7 +187,7 @@ def sample_batch(engine, tokenizer, tags, grader, problems, cfg: RejectionConfig
                 attempt.examined += 1
                 attempt.counts[verdict] += 1
                 if verdict == "accepted":
-                    attempt.record = _record(attempt.problem, rollouts[i * n + k], tokenizer, first + k, s.parallel)
+                    attempt.record = _record(attempt.problem, rollouts[i * n + k], vocab, first + k, s.parallel)
                     break
         active = [a for a in active if a.record is None]
     return attempts
@@ -273,20 +247,14 @@ def load_finished(out: str | Path) -> tuple[dict[str, dict], list[dict]]:
     return finished, missing
 
 
-def _append(f, rows: list[dict]) -> None:
-    for row in rows:
-        f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    f.flush()
-    os.fsync(f.fileno())
-
-
 # ---------------------------------------------------------------- the run
-def run_rejection_sampling(cfg: RejectionConfig, engine=None, tokenizer=None, tags=None,
+def run_rejection_sampling(cfg: RejectionConfig, engine: RolloutBackend | None = None, vocab: NPRVocab | None = None,
                            progress: bool = True) -> RejectionStats:
     """Sample, filter and write every unfinished problem; returns (and writes) the totals."""
     from tqdm import tqdm
 
-    data = load_problem_set(cfg.data)
+    d = cfg.data
+    data = load_problem_set(d.path, source=d.source, skip_bad=d.skip_bad, limit=d.limit)
     stats = RejectionStats(problems=len(data.problems), skipped_records=data.skipped,
                            skipped_report=data.skipped_report())
     if data.skipped:
@@ -299,19 +267,19 @@ def run_rejection_sampling(cfg: RejectionConfig, engine=None, tokenizer=None, ta
         if line["id"] in known:
             stats.add(line, resumed=True)
     pending = [p for p in data.problems if p.id not in finished]
-    if pending and (tokenizer is None or tags is None):
-        tokenizer, tags = load_tokenizer_for(cfg.model)
+    if pending and vocab is None:
+        vocab = cfg.engine.vocab()
     if pending and engine is None:
-        engine = load_engine(cfg.model)
+        engine = cfg.engine.build()
     with open_grader(cfg.grader, data.problems) as grader, out_path.open("a", encoding="utf-8") as out_f, \
             done_path.open("a", encoding="utf-8") as done_f, \
             tqdm(total=len(data.problems), initial=stats.finished, disable=not progress, desc="rejection",
                  unit="problem") as bar:
-        _append(done_f, recovered)
+        append_jsonl(done_f, recovered)
         for start in range(0, len(pending), cfg.batch_problems):
-            attempts = sample_batch(engine, tokenizer, tags, grader, pending[start:start + cfg.batch_problems], cfg)
-            _append(out_f, [a.record for a in attempts if a.record])  # the record first: it wins on a crash
-            _append(done_f, [a.done_line() for a in attempts])
+            attempts = sample_batch(engine, vocab, grader, pending[start:start + cfg.batch_problems], cfg)
+            append_jsonl(out_f, [a.record for a in attempts if a.record])  # the record first: it wins on a crash
+            append_jsonl(done_f, [a.done_line() for a in attempts])
             for attempt in attempts:
                 stats.add(attempt.done_line())
             bar.update(len(attempts))

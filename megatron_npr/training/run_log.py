@@ -5,23 +5,34 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..io import append_jsonl, write_jsonl_atomic
+
 PLOTTED = ("loss", "lr", "grad_norm", "tokens_per_s")
+METRICS_FILE = "metrics.jsonl"
+
+
+def read_history(out_dir: str | Path, upto: int) -> list[dict]:
+    """Metrics of steps <= upto from an earlier (possibly killed) run; later lines are dropped."""
+    path = Path(out_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if r["step"] <= upto]
 
 
 class MetricsLogger:
     """Rewrites metrics.jsonl with the kept `history` (steps of a killed run after the resumed
-    checkpoint are dropped, so the file is one consistent curve), then appends one line a step."""
+    checkpoint are dropped, so the file is one consistent curve), then appends one line a step.
+    TensorBoard scalars are named `scalar_prefix + key`."""
 
-    def __init__(self, out_dir: str | Path, history: list[dict], enabled: bool = True, tensorboard: bool = True):
+    def __init__(self, out_dir: str | Path, history: list[dict], enabled: bool = True, tensorboard: bool = True,
+                 scalar_prefix: str = "train/"):
         self.history, self.enabled, self.writer = list(history), enabled, None
+        self.scalar_prefix = scalar_prefix
         if not enabled:
             return
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        self.path = out / "metrics.jsonl"
-        tmp = self.path.with_name(".metrics.jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.history))
-        tmp.replace(self.path)
+        self.path = write_jsonl_atomic(out / METRICS_FILE, self.history)
         self.file = self.path.open("a", encoding="utf-8")
         if tensorboard:
             try:
@@ -34,12 +45,11 @@ class MetricsLogger:
         self.history.append(metrics)
         if not self.enabled:
             return
-        self.file.write(json.dumps(metrics) + "\n")
-        self.file.flush()
+        append_jsonl(self.file, [metrics])
         if self.writer is not None:
             for key, value in metrics.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
-                    self.writer.add_scalar(f"train/{key}", value, metrics["step"])
+                    self.writer.add_scalar(f"{self.scalar_prefix}{key}", value, metrics["step"])
 
     def close(self) -> None:
         if self.enabled:

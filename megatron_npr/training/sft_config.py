@@ -1,4 +1,5 @@
 """Typed configuration of packed parallel SFT (`npr sft CONFIG`), loaded with `config.load_config`.
+The model, parallel and optim sections are the shared ones of `megatron_npr.sections`.
 
     model:    {hf_dir, tokenizer, dtype, attention_backend}
     data:     {path, max_tokens, max_depth, instruction}
@@ -12,17 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-
-@dataclass
-class ModelSection:
-    hf_dir: str  # HF Qwen3 folder the weights start from (the tags must be in its vocabulary)
-    tokenizer: str | None = None  # default: the model folder's tokenizer, else the bundled Qwen3 one
-    dtype: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
-    attention_backend: Literal["sdpa", "flex", "te"] = "sdpa"
+from ..sections import ModelSection, OptimSection, ParallelSection
 
 
 @dataclass
-class DataSection:
+class SFTDataSection:
     path: str  # JSONL: rejection-sampling output, or {question|prompt, response|solution} text records
     max_tokens: int = 4096  # packed row length
     max_depth: int = 1
@@ -33,37 +28,6 @@ class DataSection:
             raise ValueError(f"max_tokens must be >= 8, got {self.max_tokens}")
         if self.max_depth < 1:
             raise ValueError(f"max_depth must be >= 1, got {self.max_depth}")
-
-
-@dataclass
-class ParallelSection:
-    tp: int = 1
-    pp: int = 1
-
-    def __post_init__(self):
-        if self.tp < 1 or self.pp < 1:
-            raise ValueError(f"tp and pp must be >= 1, got tp={self.tp} pp={self.pp}")
-
-
-@dataclass
-class OptimSection:
-    lr: float = 1e-6
-    min_lr: float = 5e-7
-    warmup_steps: int = 0
-    schedule: Literal["cosine", "constant"] = "cosine"
-    weight_decay: float = 0.1
-    clip_grad: float = 1.0
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-
-    def __post_init__(self):
-        if self.lr <= 0 or self.min_lr < 0:
-            raise ValueError(f"lr must be > 0 and min_lr >= 0, got lr={self.lr} min_lr={self.min_lr}")
-        if self.min_lr > self.lr:
-            raise ValueError(f"min_lr {self.min_lr} > lr {self.lr}")
-        if self.warmup_steps < 0 or self.weight_decay < 0 or self.clip_grad < 0:
-            raise ValueError("warmup_steps, weight_decay and clip_grad must be >= 0")
 
 
 @dataclass
@@ -104,7 +68,7 @@ class TrainSection:
 @dataclass
 class SFTConfig:
     model: ModelSection
-    data: DataSection
+    data: SFTDataSection
     train: TrainSection
     parallel: ParallelSection = field(default_factory=ParallelSection)
     optim: OptimSection = field(default_factory=OptimSection)

@@ -20,23 +20,14 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 
-from ..data.prompts import NPR_INSTRUCTION, prompt_ids
-from ..topology import (
-    PackSample,
-    TagIds,
-    TopologyError,
-    branch_label,
-    canonicalize,
-    inserted_mask_from_structure,
-    layout_from_structure,
-    parse_structure,
-)
+from ..data.prompts import NPR_INSTRUCTION
+from ..data.tokenizer import END_OF_TURN, NPRVocab
+from ..topology import PackSample, TopologyError, canonicalize
+from .samples import to_sample
 
 log = logging.getLogger(__name__)
 
-END_OF_TURN = "<|im_end|>"
 MAX_EXAMPLES = 5  # drop messages kept verbatim in DropStats
 
 
@@ -121,19 +112,11 @@ def _text_field(record: dict, *names: str) -> tuple[str, str] | None:
 
 # ---------------------------------------------------------------- record forms
 class _Encoder:
-    """Tokenizer-dependent pieces, computed once per file."""
+    """Record forms -> (prompt ids, response ids, forced flags), with one vocabulary."""
 
-    def __init__(self, tokenizer, instruction: str):
-        self.tokenizer, self.instruction = tokenizer, instruction
-        self.vocab_size = len(tokenizer)
-        self.end_id = _end_of_turn_id(tokenizer)
-        self._labels: dict[int, list[int]] = {}
-
-    def label_ids(self, j: int) -> list[int]:
-        """The ids the engine inserts after branch j's `<step>` (same encoding as NPREngine.from_hf)."""
-        if j not in self._labels:
-            self._labels[j] = self.tokenizer.encode(branch_label(j), add_special_tokens=False)
-        return self._labels[j]
+    def __init__(self, vocab: NPRVocab, instruction: str):
+        self.vocab, self.tokenizer, self.instruction = vocab, vocab.tokenizer, instruction
+        self.vocab_size = len(vocab)
 
     def token_form(self, record: dict) -> tuple[list[int], list[int], list[bool] | None]:
         prompt = _id_list(record, "prompt_ids", self.vocab_size)
@@ -159,32 +142,22 @@ class _Encoder:
             raise _Drop("bad_record", f"field '{name}' is empty")
         if name == "prompt":
             return self.tokenizer.encode(text, add_special_tokens=False)
-        return prompt_ids(text, self.tokenizer, self.instruction)
+        return self.vocab.prompt_ids(text, self.instruction)
 
     def _response(self, text: str) -> list[int]:
         if text.rstrip().endswith(END_OF_TURN):
             text = text.rstrip()  # nothing is trained after the end of the turn
         ids = self.tokenizer.encode(canonicalize(text).text, add_special_tokens=False)
-        if not ids or ids[-1] != self.end_id:
-            ids.append(self.end_id)
+        if not ids or ids[-1] != self.vocab.end_of_turn_id:
+            ids.append(self.vocab.end_of_turn_id)
         return ids
-
-
-def _end_of_turn_id(tokenizer) -> int:
-    end = tokenizer.convert_tokens_to_ids(END_OF_TURN)
-    if end is None or end == tokenizer.unk_token_id:
-        end = tokenizer.eos_token_id
-    if end is None:
-        raise ValueError(f"the tokenizer has neither {END_OF_TURN} nor an eos token to end responses with")
-    return end
 
 
 def _is_token_form(record: dict) -> bool:
     return "prompt_ids" in record or "response_ids" in record
 
 
-def _sample(record: dict, enc: _Encoder, tags: TagIds, max_depth: int, max_tokens: int | None,
-            line: int) -> SFTSample:
+def _sample(record: dict, enc: _Encoder, max_depth: int, max_tokens: int | None, line: int) -> SFTSample:
     """Validate one record and build its sample; raises _Drop."""
     if not isinstance(record, dict):
         raise _Drop("bad_record", f"expected a JSON object, got {type(record).__name__}")
@@ -196,28 +169,23 @@ def _sample(record: dict, enc: _Encoder, tags: TagIds, max_depth: int, max_token
     ids = prompt + response
     if max_tokens is not None and len(ids) > max_tokens:
         raise _Drop("overlong", f"{len(ids)} tokens > max_tokens {max_tokens}")
-    try:
-        structure = parse_structure(ids, tags, len(prompt), max_depth)
-        inserted = inserted_mask_from_structure(ids, structure, enc.label_ids)
+    try:  # a sequential sample's `forced` is all 0, yet the parallel engine inserts tokens: the
+        # mask computed from the structure applies either way
+        return to_sample(prompt, response, enc.vocab, max_depth=max_depth, forced=forced, sample_cls=SFTSample,
+                         line=line, response_start=len(prompt))
     except TopologyError as e:
         raise _Drop(e.reason, f"token {e.index} (response token {e.index - len(prompt)}): {e.message}") from None
-    loss_mask = torch.arange(len(ids)) >= len(prompt)
-    loss_mask &= ~inserted
-    if forced is not None:  # a sequential sample's `forced` is all 0, yet the parallel engine inserts these tokens:
-        loss_mask[len(prompt):] &= ~torch.tensor(forced)  # the computed mask applies either way
-    return SFTSample(torch.tensor(ids, dtype=torch.long), loss_mask, layout_from_structure(structure, max_depth),
-                     line=line, response_start=len(prompt))
 
 
 # ---------------------------------------------------------------- files
-def load_sft_samples(path, tokenizer, tags: TagIds, *, max_depth: int = 1, max_tokens: int | None = None,
+def load_sft_samples(path, vocab: NPRVocab, *, max_depth: int = 1, max_tokens: int | None = None,
                      instruction: str = NPR_INSTRUCTION) -> tuple[list[SFTSample], DropStats]:
     """Read a JSONL file of SFT records (module docstring). Returns the usable samples in file
     order and the drop statistics; every dropped record is logged with its file:line."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"SFT data file {path} does not exist")
-    enc = _Encoder(tokenizer, instruction)
+    enc = _Encoder(vocab, instruction)
     samples: list[SFTSample] = []
     stats = DropStats()
     with path.open(encoding="utf-8") as f:
@@ -229,7 +197,7 @@ def load_sft_samples(path, tokenizer, tags: TagIds, *, max_depth: int = 1, max_t
                     record = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise _Drop("bad_json", f"column {e.colno}: {e.msg}") from None
-                samples.append(_sample(record, enc, tags, max_depth, max_tokens, line_no))
+                samples.append(_sample(record, enc, max_depth, max_tokens, line_no))
             except _Drop as d:
                 stats.add(f"{path}:{line_no}", d.reason, d.message)
                 log.warning("%s:%d: dropped (%s): %s", path, line_no, d.reason, d.message)
