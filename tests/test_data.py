@@ -102,3 +102,24 @@ def test_problem_records_round_trip_with_their_ids(tmp_path):
     assert load_problems(path, source="synth") == problems and problems[0].id == "synth-0"
     path.write_text(json.dumps({"id": 7, "question": "q?", "answer": "1"}) + "\n")
     assert load_problems(path, source="aime") == [Problem("aime-7", "q?", "1", "aime")]
+
+
+def test_reference_evaluation_format_loads(tmp_path):
+    """The reference's evaluation files: a JSON list of {"prompt": [{"from": "user", "value": Q}],
+    "final_answer": A}; a record without a user turn or an answer is named by index."""
+    records = [{"prompt": [{"from": "system", "value": "be brief"}, {"from": "user", "value": " What is 2+3? "}],
+                "final_answer": "5"},
+               {"prompt": [{"role": "user", "content": "Find x if 2x = 8."}], "final_answer": 4},
+               {"prompt": [{"from": "user", "value": "No answer here"}]},
+               {"prompt": [{"from": "assistant", "value": "no user turn"}], "final_answer": "1"}]
+    path = tmp_path / "aime25_eval.json"
+    path.write_text(json.dumps(records))
+    problems = load_problems(path, skip_bad=True)
+    assert [(p.id, p.question, p.answer, p.source) for p in problems] == [
+        ("aime25_eval-0", "What is 2+3?", "5", "aime25_eval"),
+        ("aime25_eval-1", "Find x if 2x = 8.", "4", "aime25_eval")]
+    with pytest.raises(ProblemFormatError, match=r"record 2: missing 'answer' \(or 'final_answer'\)"):
+        load_problems(path)
+    path.write_text(json.dumps(records[3:]))
+    with pytest.raises(ProblemFormatError, match="record 0: missing 'question', 'problem' or a user turn"):
+        load_problems(path)

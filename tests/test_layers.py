@@ -13,6 +13,7 @@ LAYERS = [  # bottom to top; a unit is a subpackage or a top-level module of meg
     {"sections"},
     {"eval"},
     {"training"},
+    {"rl"},
     {"pipeline", "report"},
     {"cli", "cli_train"},  # entry points: the `npr` command and its training subcommands
 ]

@@ -1,9 +1,10 @@
 """Math problems from ORZ-format collections and the benchmark files, as one record type.
 
 ORZ: a JSON list of `[{"from": "human", "value": Q}, {"from": "assistant", "ground_truth": {"value": A}}]`.
-Benchmarks (JSON list or JSONL of objects): the question is `question` or `problem`, the answer
-`answer` (a number, LaTeX, or for GPQA a letter inside "['D', 'c']"), the id `id`, `problem_idx`
-or `unique_id` when present.
+Benchmarks (JSON list or JSONL of objects): the question is `question`, `problem`, or the user turn
+of a chat-style `prompt` list (`[{"from": "user", "value": Q}]`, the reference's evaluation files);
+the answer `answer` or `final_answer` (a number, LaTeX, or for GPQA a letter inside "['D', 'c']");
+the id `id`, `problem_idx` or `unique_id` when present.
 """
 from __future__ import annotations
 
@@ -70,15 +71,28 @@ def _gpqa_letter(answer: str) -> str:
     return answer.strip().upper()
 
 
+def _prompt_turn(prompt) -> str | None:
+    """The user's text in a chat-style `prompt` list ({"from": "user", "value": Q} or
+    {"role": "user", "content": Q}), as the reference's evaluation files write it."""
+    if not isinstance(prompt, list):
+        return None
+    for turn in prompt:
+        if isinstance(turn, dict) and (turn.get("from") or turn.get("role")) in ("user", "human"):
+            text = turn.get("value", turn.get("content"))
+            return text if isinstance(text, str) else None
+    return None
+
+
 def _benchmark_record(record, source: str, index: int) -> Problem:
     if not isinstance(record, dict):
         raise ValueError(f"expected an object, found {type(record).__name__}")
-    question = record.get("question", record.get("problem"))
+    question = record.get("question", record.get("problem", _prompt_turn(record.get("prompt"))))
     if not isinstance(question, str) or not question.strip():
-        raise ValueError("missing 'question' or 'problem'")
-    if record.get("answer") is None or not str(record["answer"]).strip():
-        raise ValueError("missing 'answer'")
-    answer = str(record["answer"]).strip()
+        raise ValueError("missing 'question', 'problem' or a user turn in 'prompt'")
+    answer = record.get("answer", record.get("final_answer"))
+    if answer is None or not str(answer).strip():
+        raise ValueError("missing 'answer' (or 'final_answer')")
+    answer = str(answer).strip()
     if "options" in record or "gpqa" in source.lower():
         answer = _gpqa_letter(answer)
     ident = next((str(record[k]) for k in ("id", "problem_idx", "unique_id") if record.get(k) is not None), str(index))
