@@ -1,4 +1,4 @@
-"""`npr sft`, `npr sample`, `npr eval` and `npr pipeline`: config file + key=value overrides."""
+"""`npr sft`, `npr rl`, `npr sample`, `npr eval` and `npr pipeline`: config file + key=value overrides."""
 from __future__ import annotations
 
 import json
@@ -45,6 +45,16 @@ def cmd_sft(args) -> int:
     return _run(args, SFTConfig, body)
 
 
+def cmd_rl(args) -> int:
+    from .rl.config import RLConfig
+    from .rl.loop import run_rl
+
+    def body(cfg):
+        print(json.dumps(run_rl(cfg, progress=not args.quiet), indent=2))
+        return 0
+    return _run(args, RLConfig, body)
+
+
 def cmd_sample(args) -> int:
     from .training.rejection import RejectionConfig, run_rejection_sampling
 
@@ -81,6 +91,7 @@ def cmd_pipeline(args) -> int:
 
 def add_commands(sub) -> None:
     specs = [("sft", cmd_sft, "packed parallel SFT on Megatron-Core (stage 2)", True),
+             ("rl", cmd_rl, "RL on Megatron-Core: DAPO (stage 1) or PAPO (stage 3), resumable", True),
              ("sample", cmd_sample, "rejection sampling with the engine (stage 2), resumable JSONL", True),
              ("eval", cmd_eval, "accuracy, format validity, trigger rate and speedup of a model", True),
              ("pipeline", cmd_pipeline, "the recipe end to end on a tiny model (default: built-in tiny config)", False)]

@@ -77,9 +77,12 @@ def test_pipeline_runs_every_stage_and_resumes(tmp_path):
 def _config_class(path: Path):
     from megatron_npr.eval.runner import EvalConfig
     from megatron_npr.pipeline.config import PipelineConfig
+    from megatron_npr.rl.config import RLConfig
     from megatron_npr.training.rejection import RejectionConfig
     from megatron_npr.training.sft_config import SFTConfig
     name = path.stem
+    if name.startswith(("dapo", "papo")):
+        return RLConfig
     return {"pipeline": PipelineConfig, "eval": EvalConfig}.get(name) or (
         RejectionConfig if name.startswith("sample") else SFTConfig)
 

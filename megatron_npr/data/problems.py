@@ -105,11 +105,12 @@ def load_problems(path: str | Path, *, source: str | None = None, skip_bad: bool
     """Problems of an ORZ collection or a benchmark file (format detected from the records).
     A bad record raises ProblemFormatError naming file and index, or with `skip_bad` is skipped
     and counted in a warning."""
-    return _read_problems(Path(path), source, skip_bad)[0]
+    return read_problems(Path(path), source, skip_bad)[0]
 
 
-def _read_problems(path: Path, source: str | None, skip_bad: bool) -> tuple[list[Problem], list[str]]:
-    """(problems, "record i: why" of every skipped record)."""
+def read_problems(path: Path, source: str | None, skip_bad: bool) -> tuple[list[Problem], list[str]]:
+    """(problems, "record i: why" of every skipped record): for callers that treat some bad
+    records differently (RL names and skips problems without a gold answer)."""
     source = source or path.stem.split(".")[0]
     records = _load_records(path)
     orz = bool(records) and isinstance(records[0], list)
@@ -144,7 +145,7 @@ def load_problem_set(path: str | Path, *, source: str | None = None, skip_bad: b
                      limit: int | None = None) -> ProblemSet:
     """load_problems with the skipped-record count kept, the limit applied, and ids checked
     unique (resuming and seeding key on them)."""
-    problems, skipped = _read_problems(Path(path), source, skip_bad)
+    problems, skipped = read_problems(Path(path), source, skip_bad)
     if limit is not None:
         problems = problems[:limit]
     seen: dict[str, int] = {}

@@ -94,6 +94,7 @@ def save_checkpoint(root: str | Path, step: int, model, optimizer, scheduler, tr
     _barrier()
     model_sd = _model_sharded(model)
     state = dict(model_sd)
+    _materialise_adam_state(optimizer)  # an optimizer that never stepped (e.g. every RL step skipped) saves too
     state["optimizer"] = optimizer.sharded_state_dict(model_sd, metadata=_optim_metadata())
     state["npr_train"] = {"scheduler": scheduler.state_dict(), "train_state": train_state,
                           "rng": torch.get_rng_state(), "adam_step": _adam_step(optimizer)}

@@ -1,0 +1,128 @@
+"""A tiny RL setup whose rewards are not trivial, for tests/test_rl_loop.py, and its worker entry.
+
+A random tiny Qwen3 writes no valid NPR structure, so every DAPO reward would be the same format
+penalty and every PAPO rollout would be dropped. `ScriptedSamples` wraps the real `NPREngine`:
+sample k of every problem replays `scripts[problem][k]` (the engine still decodes and scores
+every token, forks and joins in parallel mode); a short prefix then goes on sampling freely. So
+each group holds the canonical solution (+1), a wrong answer (-1) and free samples (an invalid
+format for DAPO, dropped by PAPO), while every log-prob still comes from the real engine.
+
+    torchrun --nproc_per_node 2 rl_scripted.py CONFIG.yaml [key=value ...] [--skip-sync K]
+
+runs `run_rl` with the scripted engine (built on rank 0 only); `--skip-sync K` makes the engine
+ignore its K-th weight update (the negative control of the fidelity tests).
+"""
+import dataclasses
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+warnings.filterwarnings("ignore")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+
+from megatron_npr.seeding import stream_seed  # noqa: E402
+
+PROBLEMS = 6
+FREE_PREFIXES = ("So", "Then")  # free samples start with one replayed token
+
+
+def write_tiny_setup(root: Path, tokenizer) -> tuple[Path, Path]:
+    """(hf_dir, problems.jsonl): a 1-layer random Qwen3 over the real tokenizer, and two-part sums."""
+    from megatron_npr.checkpoint.tiny import TinyQwen3, write_random_qwen3
+    from megatron_npr.data.synth import make_synth_dataset
+
+    hf_dir = write_random_qwen3(root / "hf", tokenizer, TinyQwen3(hidden_size=32, num_hidden_layers=1, head_dim=8,
+                                                                  intermediate_size=64, seed=3))
+    data = root / "problems.jsonl"
+    data.write_text("".join(json.dumps(p.to_json() | {"solution": s}) + "\n"
+                            for p, s in make_synth_dataset(PROBLEMS, (2, 2), 1, seed=5)))
+    return hf_dir, data
+
+
+def rl_config(hf_dir, data, out_dir, algorithm="dapo", **rl) -> dict:
+    return {"model": {"hf_dir": str(hf_dir), "dtype": "fp32"},
+            "data": {"path": str(data), "source": "synth", "instruction": "none"},
+            "optim": {"lr": 1e-2, "min_lr": 1e-3, "weight_decay": 0.0, "clip_grad": 1.0},
+            "sampling": {"n": 3, "temperature": 1.0, "max_new_tokens": 80},
+            "engine": {"kv_slots": 1 << 13, "dtype": "fp32"},
+            "rl": {"out_dir": str(out_dir), "algorithm": algorithm, "steps": 3, "prompts_per_step": 2,
+                   "max_tokens": 512, "seed": 7, "dump_rollouts": True, **rl}}
+
+
+class ScriptedSamples:
+    """The real engine, sample k of each prompt replaying scripts[prompt][k] (see the module doc)."""
+
+    def __init__(self, engine, vocab, data_path: Path, skip_sync: int | None = None):
+        self.engine, self.skip_sync, self.updates = engine, skip_sync, 0
+        def encode(text):
+            return vocab.tokenizer.encode(text, add_special_tokens=False)
+
+        self.scripts = {}
+        for line in Path(data_path).read_text().splitlines():
+            record = json.loads(line)
+            solution, answer = record["solution"], record["answer"]
+            wrong = solution.replace(f"\\boxed{{{answer}}}", f"\\boxed{{{int(answer) + 1}}}")
+            prompt = tuple(vocab.prompt_ids(record["question"], ""))
+            self.scripts[prompt] = [encode(solution) + [vocab.end_of_turn_id], encode(wrong) + [vocab.end_of_turn_id],
+                                    *[encode(p) for p in FREE_PREFIXES]]
+
+    def generate(self, prompts, params, *, seeds):
+        n = params.n
+        replay = [self.scripts[tuple(p)][k] for p in prompts for k in range(n)]
+        return self.engine.generate([list(p) for p in prompts for _ in range(n)], dataclasses.replace(params, n=1),
+                                    replay=replay, seeds=[stream_seed(s, k) for s in seeds for k in range(n)])
+
+    def update_weights(self, named_tensors):
+        self.updates += 1
+        if self.updates == self.skip_sync:
+            return 0  # the negative control: this sync never reaches the engine
+        return self.engine.update_weights(named_tensors)
+
+    def release_memory(self):
+        self.engine.release_memory()
+
+    def resume_memory(self):
+        self.engine.resume_memory()
+
+
+def plain_engine(cfg, vocab):
+    """The configured NPREngine, built with an already loaded vocabulary (loading one takes seconds)."""
+    from megatron_npr.checkpoint import open_hf_weights, read_hf_config
+    from megatron_npr.rollout import NPREngine
+
+    e = cfg.engine.section(cfg.model)
+    with open_hf_weights(e.hf_dir) as weights:
+        return NPREngine(read_hf_config(e.hf_dir), weights, tags=vocab.tags, eos_ids=vocab.eos_ids,
+                         label_ids=vocab.label_ids, kv_slots=e.kv_slots, dtype=e.torch_dtype, device=e.device)
+
+
+def scripted_engine(cfg, vocab, skip_sync=None) -> ScriptedSamples:
+    return ScriptedSamples(plain_engine(cfg, vocab), vocab, cfg.data.path, skip_sync)
+
+
+def main(argv):
+    import torch.distributed as dist
+
+    from megatron_npr.config import load_config
+    from megatron_npr.rl.config import RLConfig
+    from megatron_npr.rl.loop import run_rl
+
+    skip = None
+    if "--skip-sync" in argv:
+        k = argv.index("--skip-sync")
+        skip, argv = int(argv[k + 1]), argv[:k] + argv[k + 2:]
+    cfg = load_config(RLConfig, argv[0], argv[1:])
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    vocab = cfg.model.vocab()
+    engine = scripted_engine(cfg, vocab, skip) if rank0 else None
+    summary = run_rl(cfg, progress=False, engine=engine, vocab=vocab)
+    if dist.is_initialized():
+        dist.barrier()
+    if rank0:
+        print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
