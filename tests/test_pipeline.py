@@ -63,6 +63,14 @@ def test_pipeline_runs_every_stage_and_resumes(tmp_path):
         r = report[when]
         assert r["problems"] == 8 and r["accuracy"] * 8 == round(r["accuracy"] * 8)
     assert (out / "report" / "eval.png").is_file() and (out / "report" / "loss.png").is_file()
+    # the default tiny tokenizer, built into out_dir, travels in every model folder: the engine and
+    # the `npr sft` child load it from there (a Qwen3 vocabulary would not fit the 512-row model)
+    from megatron_npr.data.tokenizer import load_vocab
+    tiny = load_vocab(tokenizer_dir=out / "tokenizer").tokenizer.get_vocab()
+    assert len(tiny) == 512
+    for model in ("model_init", "model_bootstrap", "model_sft"):
+        assert load_vocab(out / model).tokenizer.get_vocab() == tiny, model
+        assert json.loads((out / model / "config.json").read_text())["vocab_size"] == 512
     assert "accuracy" in first.stdout and "before" in first.stdout and "SFT skipped" not in first.stdout
     # every stage's output exists: a second run redoes nothing and reports exactly the same numbers
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
@@ -72,6 +80,30 @@ def test_pipeline_runs_every_stage_and_resumes(tmp_path):
     assert second["rejection_sampling"] == rs | {"resumed": 8}  # all 8 problems now come from the first run
     for stage in ("bootstrap", "eval_before", "sft", "eval_after"):
         assert f"[pipeline] {stage} done in 0.0 s" in again.stdout, again.stdout
+
+
+def test_tokenizer_choice_travels_with_the_model_folder(tmp_path, vocab):
+    """tiny: built once into out_dir/tokenizer; qwen3: the bundled one; else a folder. A model
+    folder of an earlier run with another tokenizer is refused, not silently reused."""
+    from dataclasses import replace
+
+    from megatron_npr.checkpoint.tiny import TinyQwen3
+    from megatron_npr.data.tokenizer import load_vocab
+    from megatron_npr.pipeline.config import PipelineConfig
+    from megatron_npr.pipeline.run import make_model, tokenizer_folder
+
+    cfg = PipelineConfig(out_dir=str(tmp_path), model=TinyQwen3(hidden_size=16, num_hidden_layers=1,
+                                                                intermediate_size=16))
+    folder = tokenizer_folder(cfg, tmp_path)
+    assert folder == str(tmp_path / "tokenizer") and tokenizer_folder(cfg, tmp_path) == folder
+    assert tokenizer_folder(replace(cfg, tokenizer="qwen3"), tmp_path) is None
+    assert tokenizer_folder(replace(cfg, tokenizer=str(tmp_path / "mine")), tmp_path) == str(tmp_path / "mine")
+    tiny = load_vocab(tokenizer_dir=folder)
+    make_model(cfg, tiny, tmp_path / "model")
+    make_model(cfg, tiny, tmp_path / "model")  # a resumed run keeps it
+    assert load_vocab(tmp_path / "model").tags == tiny.tags and len(load_vocab(tmp_path / "model")) == 512
+    with pytest.raises(ValueError, match="another tokenizer"):
+        make_model(replace(cfg, tokenizer="qwen3"), vocab, tmp_path / "model")
 
 
 def _config_class(path: Path):

@@ -1,4 +1,5 @@
-"""Small randomly initialised Qwen3 models in HF format, with a real tokenizer (tiny runs, tests)."""
+"""Small randomly initialised Qwen3 models in HF format, with their tokenizer (tiny runs, tests): the
+real Qwen3 one or the small one of data.tiny_tokenizer."""
 from __future__ import annotations
 
 import json
@@ -38,7 +39,9 @@ def padded_vocab(n: int, multiple: int = 128) -> int:
 
 def write_random_qwen3(out_dir: str | Path, tokenizer, spec: TinyQwen3 = TinyQwen3()) -> Path:
     """An HF folder (config.json, safetensors, tokenizer with the NPR tags) of a random Qwen3
-    whose vocabulary covers `tokenizer`. Written atomically; `out_dir` must not be a non-empty folder."""
+    whose vocabulary covers `tokenizer` (padded to a multiple of 128). The tokenizer is saved into
+    the folder, so every stage given the folder (`load_vocab(model_dir)`) uses it. Written
+    atomically; `out_dir` must not be a non-empty folder."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     fields = {k: v for k, v in asdict(spec).items() if k != "seed"}

@@ -28,10 +28,12 @@ class SynthSection:
 
 @dataclass
 class BootstrapSection:
-    steps: int = 300
-    lr: float = 3e-3
+    """Training of the random model on canonical solutions (pipeline.bootstrap). Short rows (two
+    samples each): under the dense branch mask, attention costs per token grow with the row."""
+    steps: int = 800
+    lr: float = 5e-3
     rows_per_step: int = 8
-    max_tokens: int = 1024
+    max_tokens: int = 256
 
 
 @dataclass
@@ -68,10 +70,16 @@ class EvalStage:
 @dataclass
 class PipelineConfig:
     out_dir: str = "runs/tiny"
-    tokenizer: str | None = None  # default: the bundled Qwen3 tokenizer
+    # "tiny": a 512-token tokenizer built into out_dir/tokenizer on the first run
+    # (data.tiny_tokenizer); "qwen3": the bundled real Qwen3 one; else an HF tokenizer folder
+    tokenizer: str = "tiny"
     model: TinyQwen3 = field(default_factory=lambda: TinyQwen3(num_hidden_layers=4, intermediate_size=256))
     synth: SynthSection = field(default_factory=SynthSection)
     bootstrap: BootstrapSection = field(default_factory=BootstrapSection)
     sample: SampleStage = field(default_factory=SampleStage)
     sft: SFTStage = field(default_factory=SFTStage)
     eval: EvalStage = field(default_factory=EvalStage)
+
+    def __post_init__(self):
+        if not str(self.tokenizer).strip():
+            raise ValueError("tokenizer must be 'tiny', 'qwen3' or an HF tokenizer folder")

@@ -1,6 +1,11 @@
 """`npr pipeline`: the recipe end to end on a tiny model, every stage visible here.
 
-    make model -> synth data -> bootstrap -> eval (before) -> rejection sampling -> SFT -> eval (after)
+    tokenizer -> make model -> synth data -> bootstrap -> eval (before) -> rejection sampling -> SFT
+    -> eval (after)
+
+The tokenizer is chosen once (`tokenizer: tiny | qwen3 | folder`) and saved into the first model
+folder; every later model folder carries it, and every stage (engine, `npr sft`) loads the
+tokenizer of the model folder it is given.
 
 Each stage writes its output under out_dir atomically and is skipped when that output exists,
 so a killed pipeline resumes at the stage it was in (SFT and rejection sampling also resume
@@ -16,6 +21,34 @@ from ..data.synth import make_synth_dataset
 from ..io import write_json_atomic, write_jsonl_atomic
 from ..sections import DataSection, EngineSection, GraderSection
 from .config import PipelineConfig
+
+
+def tokenizer_folder(cfg: PipelineConfig, out: Path) -> str | None:
+    """The folder of the pipeline's tokenizer: for `tiny`, out_dir/tokenizer (built on the first
+    run); None for `qwen3` (load_tokenizer's bundled default); else the configured folder."""
+    if cfg.tokenizer == "qwen3":
+        return None
+    if cfg.tokenizer == "tiny":
+        from ..data.tiny_tokenizer import write_tiny_tokenizer
+
+        folder = out / "tokenizer"
+        if not folder.is_dir():
+            write_tiny_tokenizer(folder)
+        return str(folder)
+    return cfg.tokenizer
+
+
+def make_model(cfg: PipelineConfig, vocab, init_dir: Path) -> None:
+    """The random tiny Qwen3, with the tokenizer saved into its folder. A folder left by an
+    earlier run must have been made with the same tokenizer."""
+    from ..checkpoint.tiny import write_random_qwen3
+    from ..data.tokenizer import load_vocab
+
+    if not init_dir.is_dir():
+        write_random_qwen3(init_dir, vocab.tokenizer, cfg.model)
+    elif load_vocab(init_dir).tokenizer.get_vocab() != vocab.tokenizer.get_vocab():
+        raise ValueError(f"{init_dir} was made with another tokenizer than tokenizer={cfg.tokenizer!r}; "
+                         "use a new out_dir")
 
 
 def make_data(cfg: PipelineConfig, out: Path) -> dict[str, Path]:
@@ -96,7 +129,6 @@ def sft(cfg: PipelineConfig, hf_dir: Path, data: Path, out: Path, export: Path) 
 
 
 def run_pipeline(cfg: PipelineConfig) -> dict:
-    from ..checkpoint.tiny import write_random_qwen3
     from ..data.tokenizer import load_vocab
     from ..training.sft_data import load_sft_samples
     from .bootstrap import bootstrap_tiny
@@ -112,10 +144,10 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         t0 = time.perf_counter()
         print(f"[pipeline] {stage} done in {timings[stage]} s", flush=True)
 
-    vocab = load_vocab(tokenizer_dir=cfg.tokenizer)
+    vocab = load_vocab(tokenizer_dir=tokenizer_folder(cfg, out))
+    mark("tokenizer")
     init_dir, boot_dir, sft_dir = out / "model_init", out / "model_bootstrap", out / "model_sft"
-    if not init_dir.is_dir():
-        write_random_qwen3(init_dir, vocab.tokenizer, cfg.model)
+    make_model(cfg, vocab, init_dir)
     mark("model")
     data = make_data(cfg, out)
     mark("data")
