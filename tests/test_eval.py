@@ -32,6 +32,8 @@ def test_summary_matches_hand_computed_values():
     result = summarize(records, problems=2, samples_per_problem=2)
     assert (result.accuracy, result.best_at_n, result.format_validity, result.parallel_trigger_rate) == \
         (0.25, 0.5, 0.5, 0.5)
+    # only record 0 is valid *and* has a block (record 2 is a valid plain answer, record 3 an invalid block)
+    assert result.npr_format_rate == 0.25
     assert result.mean_branches_per_block == 2.5 and result.mean_response_tokens == 12.5
     assert result.ideal_speedup == pytest.approx(18 / 14)
     assert result.finish_reasons == {"stop": 2, "length": 1, "invalid_structure": 1}
@@ -100,3 +102,23 @@ def test_run_eval_from_a_config_writes_json(tmp_path, qwen):
     written = json.loads(out.read_text())
     assert written["result"] == result.to_json() and written["data"]["skipped_records"] == 1
     assert "record 2" in written["data"]["skipped_first"] and written["config"]["sampling"]["n"] == 2
+
+
+def test_measured_speedup_skips_responses_the_parallel_engine_cannot_replay(qwen):
+    """A sequentially sampled response that parses as valid but labels its branches otherwise
+    than the engine forces them (`<step> 1:` instead of `<step>1:`) cannot be replayed in
+    parallel: it is left out of the measured speedup instead of failing the evaluation, and the
+    engine is usable again after the failed replay (no KV slot leaked)."""
+    tokenizer, tags = qwen
+    (p0, s0), (p1, s1), (p2, s2) = PAIRS
+    spaced = s1.replace("<step>1:", "<step> 1:")
+    assert spaced != s1
+    inner = tiny_engine(tokenizer, tags)
+    engine = ReplayEngine(inner, tokenizer, {p0.question: s0, p1.question: spaced, p2.question: s2})
+    params = SamplingParams(n=1, max_new_tokens=400, parallel=False)
+    with ExactIntGrader() as grader:
+        result = evaluate(engine, NPRVocab(tokenizer, tags), PROBLEMS, params, grader, measure_speedup=3,
+                          progress=False)
+    assert result.format_validity == 1 and result.npr_format_rate == 1
+    assert result.measured_samples == 2 and result.measured_speedup is not None
+    assert inner.pool.free == inner.pool.num_slots and inner.pool.reserved == 0

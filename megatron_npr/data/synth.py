@@ -7,6 +7,7 @@ single-digit version on CPU in minutes, which leaves room for the RL stages.
 from __future__ import annotations
 
 import random
+import re
 import string
 
 from ..topology import branch_label
@@ -32,6 +33,23 @@ def make_problem(rng: random.Random, index: int, parts: tuple[int, int], digits:
     solution = (f"<guideline>{plans}</guideline>{steps}<takeaway>{' + '.join(names)} = {total} = {answer}."
                 f"</takeaway>\nThe answer is \\boxed{{{answer}}}.")
     return Problem(f"synth-{index}", question, str(answer), "synth"), solution
+
+
+_DEF = re.compile(r"([A-Z]) = (\d+(?: \+ \d+)*)")
+
+
+def plain_solution(question: str) -> str:
+    """The same computation as the canonical solution, written as one sequential chain without
+    any NPR tag: `A = 3 + 4 = 7. B = 5 + 2 = 7. A + B = 7 + 7 = 14.` and the boxed answer. The
+    pipeline bootstraps mostly on these, so stage 1 (DAPO) has a format to teach."""
+    defs = _DEF.findall(question)
+    if not defs:
+        raise ValueError(f"not a synthetic question: {question!r}")
+    values = [sum(int(t) for t in terms.split(" + ")) for _, terms in defs]
+    lines = [f"{name} = {terms} = {v}." for (name, terms), v in zip(defs, values)]
+    if len(defs) > 1:
+        lines.append(f"{' + '.join(n for n, _ in defs)} = {' + '.join(map(str, values))} = {sum(values)}.")
+    return " ".join(lines) + f"\nThe answer is \\boxed{{{sum(values)}}}."
 
 
 def make_synth_dataset(n: int, parts: tuple[int, int] = (2, 4), digits: int = 1, seed: int = 0):

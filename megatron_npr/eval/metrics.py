@@ -85,6 +85,9 @@ class EvalResult:
     sequential_time_s: float = 0.0
     parallel_time_s: float = 0.0
     measured_speedup: float | None = None  # sequential / parallel wall time of the same responses
+    # valid samples with at least one block: the NPR format that DAPO rewards and PAPO keeps (a
+    # plain answer with no block is valid grammar, so format_validity counts it)
+    npr_format_rate: float = 0.0
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -101,6 +104,7 @@ class EvalResult:
             (f"avg@{self.samples_per_problem}", f"{self.accuracy:.4f}"),
             (f"best@{self.samples_per_problem}", f"{self.best_at_n:.4f}"),
             ("format validity", f"{self.format_validity:.4f}"),
+            ("NPR format rate", f"{self.npr_format_rate:.4f}"),
             ("parallel trigger rate", f"{self.parallel_trigger_rate:.4f}"),
             ("branches per block", f"{self.mean_branches_per_block:.2f}"),
             ("mean response tokens", f"{self.mean_response_tokens:.1f}"),
@@ -137,6 +141,7 @@ def summarize(records: list[SampleRecord], problems: int, samples_per_problem: i
         accuracy=_mean(r.correct for r in records),
         best_at_n=best_at_n(records, problems),
         format_validity=_mean(r.valid for r in records),
+        npr_format_rate=_mean(r.valid and bool(r.branches_per_block) for r in records),
         parallel_trigger_rate=_mean(bool(r.branches_per_block) for r in records),
         mean_branches_per_block=_mean(blocks),
         ideal_speedup=ideal_speedup(records),

@@ -78,11 +78,17 @@ def _generate(engine: RolloutBackend, vocab: NPRVocab, batch, params: SamplingPa
 
 def _replay_seconds(engine, rollout, params: SamplingParams, parallel: bool) -> float | None:
     """Wall time to decode one known response alone; None if the engine cannot replay it that way
-    (a sequentially sampled response may exceed the parallel engine's limits, e.g. max_branches)."""
+    (a sequentially sampled response may exceed the parallel engine's limits, e.g. max_branches,
+    or number its branches otherwise than the labels the engine forces)."""
+    from ..rollout import ReplayMismatch
+
     prompt, response = rollout.token_ids[:rollout.response_start], rollout.token_ids[rollout.response_start:]
     one = dataclasses.replace(params, n=1, parallel=parallel, max_new_tokens=max(params.max_new_tokens, len(response)))
     start = time.perf_counter()
-    out = engine.generate([prompt], one, replay=[response])[0]
+    try:
+        out = engine.generate([prompt], one, replay=[response])[0]
+    except ReplayMismatch:
+        return None
     seconds = time.perf_counter() - start
     if out.finish_reason != "stop" or out.token_ids != rollout.token_ids:
         return None

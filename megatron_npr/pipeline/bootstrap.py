@@ -10,8 +10,8 @@ the vocabulary: with the real Qwen3 tokenizer (`tokenizer: qwen3`, 151k rows, wh
 layer costs ~30x the rest of a tiny model on a CPU) it is what makes the bootstrap take minutes
 instead of half an hour; with the pipeline's 512-token tokenizer it is still ~10% faster than
 plain training. The saved checkpoint is an ordinary Qwen3 (zero rows included) that the engine and
-the Megatron trainer use unchanged. It trains with the NPR branch mask and shared positions, like
-SFT.
+the Megatron trainer use unchanged. Every sample trains under its own layout (`bootstrap_samples`:
+causal for plain chains and some NPR solutions, the branch layout for the others).
 """
 from __future__ import annotations
 
@@ -45,6 +45,48 @@ class _TaskVocabModel(torch.nn.Module):
         log_z = torch.logaddexp(torch.logsumexp(logits, -1), torch.tensor(self.log_dead))
         target_local = self.index_of[targets].clamp(min=0)
         return logits.gather(-1, target_local[..., None])[..., 0] - log_z
+
+
+def bootstrap_samples(path: str | Path, vocab, *, causal_npr: float, parallel_npr: float, max_tokens: int,
+                      seed: int = 0) -> list:
+    """The bootstrap records of `path` (synthetic problems with a canonical NPR `solution`) as
+    training samples, one per record, drawn with `seed`:
+
+    - `causal_npr` of them: the NPR solution, causal (as a sequential decode samples it: every
+      token sampled, tags included, each `<step>` seeing the ones before it);
+    - `parallel_npr`: the NPR solution under its branch layout (shared positions, branches blind
+      to each other, engine-inserted tokens out of the loss), as SFT trains it;
+    - the rest: the plain sequential chain (`data.synth.plain_solution`), causal.
+
+    A sequential decode then opens a block only sometimes (what stage 1 starts from), while the
+    branch-layout share stands in for what a pretrained LLM brings to stage 2: a tiny model cannot
+    learn blind branches from a few hundred SFT samples in a minute."""
+    import json
+    import random
+
+    from ..data.synth import plain_solution
+    from ..topology import Layout
+    from ..training.samples import to_sample
+
+    if min(causal_npr, parallel_npr) < 0 or causal_npr + parallel_npr > 1:
+        raise ValueError(f"need causal_npr, parallel_npr >= 0 with a sum <= 1, got {causal_npr}, {parallel_npr}")
+    rng = random.Random(seed)
+    samples = []
+    for line_no, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        record, u = json.loads(line), rng.random()
+        text = record["solution"] if u < causal_npr + parallel_npr else plain_solution(record["question"])
+        prompt = vocab.prompt_ids(record["question"], "")
+        response = vocab.tokenizer.encode(text, add_special_tokens=False) + [vocab.end_of_turn_id]
+        n = len(prompt) + len(response)
+        if n > max_tokens:
+            raise ValueError(f"{path}:{line_no}: {n} tokens > bootstrap.max_tokens {max_tokens}")
+        if u < parallel_npr:
+            samples.append(to_sample(prompt, response, vocab))  # the branch layout of its structure
+        else:
+            samples.append(to_sample(prompt, response, vocab, layout=Layout.causal(n), forced=[False] * len(response)))
+    return samples
 
 
 def task_vocab(samples, extra_ids=()) -> torch.Tensor:

@@ -1,6 +1,6 @@
-"""Configuration of `npr pipeline`: the whole recipe on a tiny model, stage by stage. The stage
-sections hold the shared sections (`sampling:` is SamplingParams, `optim:` OptimSection), which the
-pipeline hands to each stage as they are."""
+"""Configuration of `npr pipeline`: the three stages on a tiny model. The stage sections hold the
+shared sections (`sampling:` is SamplingParams, `optim:` OptimSection), which the pipeline hands to
+each stage as they are."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -28,12 +28,45 @@ class SynthSection:
 
 @dataclass
 class BootstrapSection:
-    """Training of the random model on canonical solutions (pipeline.bootstrap). Short rows (two
-    samples each): under the dense branch mask, attention costs per token grow with the row."""
+    """Training of the random model (pipeline.bootstrap.bootstrap_samples): `causal_npr` of the
+    solutions in the NPR format trained causally, `parallel_npr` in the NPR format under the branch
+    mask, the rest plain chains trained causally; so a sequential decode follows the format only
+    sometimes (what stage 1 starts from). Short rows (two samples each): the dense mask costs per
+    row length."""
     steps: int = 800
     lr: float = 5e-3
     rows_per_step: int = 8
     max_tokens: int = 256
+    causal_npr: float = 0.15
+    parallel_npr: float = 0.25
+
+    def __post_init__(self):
+        if min(self.causal_npr, self.parallel_npr) < 0 or self.causal_npr + self.parallel_npr > 1:
+            raise ValueError(f"causal_npr and parallel_npr must be >= 0 with a sum <= 1, got "
+                             f"{self.causal_npr} and {self.parallel_npr}")
+
+
+def _rl_optim(lr: float) -> OptimSection:
+    return OptimSection(lr=lr, min_lr=lr, schedule="constant", weight_decay=0.0, clip_grad=1.0)
+
+
+@dataclass
+class RLStage:
+    """An `npr rl` run (rl.config) on the sampling set's problems; `steps: 0` skips the stage.
+    Decoding (sequential or parallel) is the algorithm's."""
+    steps: int = 12
+    prompts_per_step: int = 8
+    max_generation_rounds: int = 3  # DAPO's dynamic sampling
+    overlong_buffer: int = 0
+    max_tokens: int = 512  # packed row length
+    seed: int = 1234
+    sampling: SamplingParams = field(default_factory=lambda: SamplingParams(n=8, temperature=1.0,
+                                                                            max_new_tokens=192))
+    optim: OptimSection = field(default_factory=lambda: _rl_optim(1e-4))
+
+    def __post_init__(self):
+        if self.steps < 0:
+            raise ValueError(f"steps must be >= 0, got {self.steps}")
 
 
 @dataclass
@@ -41,10 +74,10 @@ class SampleStage:
     """Rejection sampling (training.rejection); `sampling.n` draws per problem per round."""
     max_samples: int = 4  # K draws per problem
     batch_problems: int = 64
-    # T=0.5: at 1.0 a tiny model's correct answers are mostly lucky guesses; parallel: a model
-    # trained under the branch mask is sampled the way it was trained
+    # T=0.5: at 1.0 a tiny model's correct answers are mostly lucky guesses; sequential: the
+    # stage-1 model was trained causally, and the accepted samples teach SFT the branch mask
     sampling: SamplingParams = field(default_factory=lambda: SamplingParams(
-        n=4, temperature=0.5, max_new_tokens=192, parallel=True))
+        n=4, temperature=0.5, max_new_tokens=192, parallel=False))
 
 
 @dataclass
@@ -53,17 +86,17 @@ class SFTStage:
     epochs: float = 2.0
     global_batch_rows: int = 2
     max_tokens: int = 1024
-    # higher rates lower held-out accuracy more (README: the main job)
-    optim: OptimSection = field(default_factory=lambda: OptimSection(lr=3e-5, min_lr=3e-6, warmup_steps=5,
+    optim: OptimSection = field(default_factory=lambda: OptimSection(lr=3e-4, min_lr=3e-5, warmup_steps=5,
                                                                      weight_decay=0.0))
 
 
 @dataclass
 class EvalStage:
-    """`npr eval` before and after (eval.runner); greedy: a deterministic before/after comparison."""
+    """`npr eval` of every stage's model (eval.runner), decoding as that stage does; sampled at
+    T=1, the policy the RL stages train (seeded: the same model gives the same numbers)."""
     measure_speedup: int = 16
     batch_problems: int = 100
-    sampling: SamplingParams = field(default_factory=lambda: SamplingParams(n=1, temperature=0.0,
+    sampling: SamplingParams = field(default_factory=lambda: SamplingParams(n=2, temperature=1.0,
                                                                             max_new_tokens=192))
 
 
@@ -77,7 +110,9 @@ class PipelineConfig:
     synth: SynthSection = field(default_factory=SynthSection)
     bootstrap: BootstrapSection = field(default_factory=BootstrapSection)
     sample: SampleStage = field(default_factory=SampleStage)
+    dapo: RLStage = field(default_factory=lambda: RLStage(steps=16, optim=_rl_optim(2e-4)))
     sft: SFTStage = field(default_factory=SFTStage)
+    papo: RLStage = field(default_factory=lambda: RLStage(steps=16, optim=_rl_optim(5e-5)))
     eval: EvalStage = field(default_factory=EvalStage)
 
     def __post_init__(self):

@@ -57,6 +57,7 @@ class RLSection:
     save_every: int = 0  # steps between checkpoints (0: only at the end)
     keep_last: int = 2
     dump_rollouts: bool = False  # out_dir/rollouts/step_NNNNN.jsonl: one line per rollout
+    export_hf: str | None = None  # HF folder (weights, config, tokenizer) written at the end
     missing_answer: Literal["skip", "error"] = "skip"  # problems without a gold answer
 
     def __post_init__(self):

@@ -31,7 +31,7 @@ from .rollouts import RolloutManager
 from .step_log import Drawn, PhaseClock, is_logger, step_metrics, summary, write_rollout_dump
 
 log = logging.getLogger(__name__)
-CURVES = ("reward_mean", "accuracy", "format_validity", "response_tokens", "mismatch_max", "grad_norm", "lr")
+CURVES = ("reward_mean", "accuracy", "npr_format_rate", "response_tokens", "mismatch_max", "grad_norm", "lr")
 
 
 def run_rl(cfg: RLConfig, progress: bool = True, *, engine=None, grader=None, vocab: NPRVocab | None = None) -> dict:
@@ -101,6 +101,10 @@ class RLRun:
             log.warning("%s with %d updates per batch: the updates after the first are off-policy, so the loss "
                         "falls back to the clipped one against log-probs recomputed before the first update",
                         rl.algorithm, rl.updates_per_batch)
+        export = Path(rl.export_hf) if rl.export_hf else None
+        if export is not None and export.exists() and (not export.is_dir() or any(export.iterdir())):
+            raise ValueError(f"rl.export_hf={rl.export_hf} already exists: remove it or name another folder "
+                             "(checked before training, not after)")
         dp = init_parallel(cfg.parallel, rl.seed)
         vocab = vocab or cfg.model.vocab()
         vocab.check_fits(read_hf_config(cfg.model.hf_dir)["vocab_size"], cfg.model.hf_dir)
@@ -142,6 +146,8 @@ class RLRun:
         self.rollouts.close()
         history = self.logger.history
         out = summary(history, self.cfg, self.skipped_problems, self.rollouts.version)
+        if self.cfg.rl.export_hf:  # collective: every rank takes part in the gather
+            out["export_hf"] = str(self.trainer.export_hf(self.cfg.rl.export_hf, self.vocab.tokenizer))
         if is_logger():
             keys = [k for k in CURVES if all(k in row for row in history)]
             plot_curves(history, self.out_dir / "curves.png", title=f"RL {self.cfg.rl.algorithm}", keys=keys)

@@ -86,7 +86,7 @@ def step_metrics(step: int, drawn: list[Drawn], rounds: int, update: dict, clock
         "step": step,
         "reward_mean": _mean(rewards), "reward_std": statistics.pstdev(rewards) if rewards else 0.0,
         "advantage_abs_mean": _mean(abs(d.advantage) for d in trained),
-        "accuracy": ev.accuracy, "format_validity": ev.format_validity,
+        "accuracy": ev.accuracy, "format_validity": ev.format_validity, "npr_format_rate": ev.npr_format_rate,
         "parallel_trigger_rate": ev.parallel_trigger_rate, "branches_per_block": ev.mean_branches_per_block,
         "response_tokens": ev.mean_response_tokens,
         "critical_path_tokens": _mean(r.critical_path_tokens for r in records if r.critical_path_tokens),

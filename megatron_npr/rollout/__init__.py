@@ -12,9 +12,9 @@ sampling parameters and the Rollout record.
 from .backend import RolloutBackend
 from .npr_engine import NPREngine
 from .pool import PoolError, SlotPool
-from .replay import Script
+from .replay import ReplayMismatch, Script
 from .rollout import Rollout, logprob_mismatch
 from .sampling import SamplingParams
 
-__all__ = ["NPREngine", "PoolError", "Rollout", "RolloutBackend", "SamplingParams", "Script", "SlotPool",
+__all__ = ["NPREngine", "PoolError", "ReplayMismatch", "Rollout", "RolloutBackend", "SamplingParams", "Script", "SlotPool",
            "logprob_mismatch"]

@@ -88,17 +88,21 @@ class NPREngine:
                                  f"max_new_tokens)); the pool has {self.pool.num_slots}: raise kv_slots or "
                                  "lower max_new_tokens")
         queue = deque(range(len(prompts)))
-        while queue or sched.busy:
-            while queue and sched.try_reserve(len(prompts[queue[0]])):  # the rest wait for memory
-                i = queue.popleft()
-                slots, logits = self._prefill(prompts[i])
-                sched.admit(i, prompts[i], slots, logits, replay[i] if replay else None,
-                            None if seeds is None else seeds[i])
-            sched.retire_finished()
-            step = sched.next_step()
-            if step is not None:
-                sched.advance(step, self._decode(step))
-            sched.retire_finished()
+        try:
+            while queue or sched.busy:
+                while queue and sched.try_reserve(len(prompts[queue[0]])):  # the rest wait for memory
+                    i = queue.popleft()
+                    slots, logits = self._prefill(prompts[i])
+                    sched.admit(i, prompts[i], slots, logits, replay[i] if replay else None,
+                                None if seeds is None else seeds[i])
+                sched.retire_finished()
+                step = sched.next_step()
+                if step is not None:
+                    sched.advance(step, self._decode(step))
+                sched.retire_finished()
+        except BaseException:
+            self.pool.reset()  # a failed call (bad replay, interrupt) must not leave the next one a leak
+            raise
         self.pool.assert_empty()
         return sched.rollouts(len(prompts))
 

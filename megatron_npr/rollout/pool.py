@@ -58,6 +58,13 @@ class SlotPool:
         self.refcount[slots] -= 1
         self._free.extend(slots[self.refcount[slots] == 0].tolist())
 
+    def reset(self) -> None:
+        """Free every slot and reservation: after a generate call that failed part way (its
+        streams are gone, and the pool is only ever used by one call at a time)."""
+        self.refcount.zero_()
+        self._free = list(range(self.num_slots - 1, -1, -1))
+        self.reserved = 0
+
     def assert_empty(self) -> None:
         """After a generate call: every slot free, nothing reserved."""
         if self.free != self.num_slots or self.reserved or self.refcount.any():

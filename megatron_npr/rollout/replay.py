@@ -6,6 +6,12 @@ from dataclasses import dataclass, field
 from ..topology import TagIds, parse_structure
 
 
+class ReplayMismatch(ValueError):
+    """A replayed response the engine cannot reproduce: a token the engine forces (a branch's
+    `<step>` + label, a `<takeaway>`) is not the script's, e.g. a sequentially sampled response
+    whose branch labels are not 1, 2, ... in order."""
+
+
 @dataclass
 class Script:
     """A replay: the tokens one stream must produce, and for each of its forks one Script per

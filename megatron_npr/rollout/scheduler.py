@@ -24,7 +24,7 @@ from torch.nn.utils.rnn import pad_sequence
 from ..seeding import stream_seed
 from ..topology import Layout, TagIds, TopologyError, build_layout
 from .pool import SlotPool
-from .replay import Script
+from .replay import ReplayMismatch, Script
 from .rollout import Rollout
 from .sampling import SamplingParams, penalise, sample_token
 
@@ -173,7 +173,7 @@ class RolloutScheduler:
         """Record `token` as the stream's next token (to be fed next step) and react to it."""
         t, p, sample = self.tags, self.params, s.sample
         if forced and s.script is not None and s.script.next() != token:
-            raise ValueError(f"replay for sample {sample.index} disagrees with the engine's forced token {token}")
+            raise ReplayMismatch(f"replay for sample {sample.index} disagrees with the engine's forced token {token}")
         s.tokens.append(token)
         s.logprobs.append(float(torch.log_softmax(logits, -1)[token]))
         s.forced.append(forced)

@@ -12,7 +12,6 @@ and gradient accumulation never change the objective.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,25 +108,5 @@ def run_sft(cfg: SFTConfig, progress: bool = True) -> dict:
         plot_curves(logger.history, out_dir / "loss.png", title=f"SFT {Path(cfg.data.path).name}")
         write_json_atomic(out_dir / "summary.json", summary, sort_keys=False)
     if cfg.train.export_hf:
-        summary["export_hf"] = str(export_hf(trainer, data.vocab, cfg.train.export_hf))
+        summary["export_hf"] = str(trainer.export_hf(cfg.train.export_hf, data.vocab.tokenizer))
     return summary
-
-
-def export_hf(trainer: MegatronTrainer, vocab: NPRVocab, out_dir: str | Path) -> Path:
-    """The trained model as an HF folder (weights, config.json, tokenizer), gathered in process on
-    any TP/PP layout; every rank takes part in the gather and global rank 0 writes the folder."""
-    from ..checkpoint import write_hf_weights
-    from ..io import atomic_output_dir
-
-    out = Path(out_dir)
-    tensors = (pair for bucket in trainer.hf_tensors() for pair in bucket)
-    if dist.get_rank() == 0:
-        with atomic_output_dir(out) as tmp:
-            write_hf_weights(tmp, tensors)
-            (tmp / "config.json").write_text(json.dumps(trainer.hf_config, indent=2) + "\n")
-            vocab.tokenizer.save_pretrained(tmp)
-    else:
-        for _ in tensors:  # yields nothing here, but runs this rank's part of the gather
-            pass
-    dist.barrier()
-    return out

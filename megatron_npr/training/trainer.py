@@ -8,6 +8,7 @@ model, distributed optimizer, lr schedule, checkpoints and HF export, behind one
     logprobs = trainer.logprobs(microbatches)                # forward only, last pipeline stage
     trainer.save(step, train_state, tokenizer)
     for bucket in trainer.hf_tensors(): ...                  # the whole model, HF names, on rank 0
+    trainer.export_hf(out_dir, tokenizer)                    # the same, written as an HF folder
 
 Loss functions follow Megatron's per-token contract (`calculate_per_token_loss=True`):
 `loss_fn(batch, logprobs) -> (loss_sum, token_count, {name: [sum, count]})`. Megatron divides the
@@ -17,6 +18,7 @@ the global batch. `token_nll_loss` is SFT's.
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -214,6 +216,26 @@ class MegatronTrainer:
         from ..checkpoint.megatron_io import hf_buckets
 
         return hf_buckets(self.module, self.hf_config, bucket_bytes)
+
+    def export_hf(self, out_dir: str | Path, tokenizer=None) -> Path:
+        """Collective: the model as an HF folder (weights, config.json, `tokenizer`), gathered in
+        process on any TP/PP layout; global rank 0 writes it atomically."""
+        from ..checkpoint import write_hf_weights
+        from ..io import atomic_output_dir
+
+        out = Path(out_dir)
+        tensors = (pair for bucket in self.hf_tensors() for pair in bucket)
+        if dist.get_rank() == 0:
+            with atomic_output_dir(out) as tmp:
+                write_hf_weights(tmp, tensors)
+                (tmp / "config.json").write_text(json.dumps(self.hf_config, indent=2) + "\n")
+                if tokenizer is not None:
+                    tokenizer.save_pretrained(tmp)
+        else:
+            for _ in tensors:  # yields nothing here, but runs this rank's part of the gather
+                pass
+        dist.barrier()
+        return out
 
 
 def _reduce_metrics(outputs: list[dict[str, Tensor]]) -> dict[str, float]:
