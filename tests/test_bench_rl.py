@@ -40,3 +40,16 @@ def test_effects_are_mean_and_std_of_the_per_seed_differences():
 def test_one_seed_is_refused():
     with pytest.raises(SystemExit):
         _bench().main(["--seeds", "0"])
+
+
+def test_child_output_goes_to_stderr(capfd):
+    """stdout carries the JSON only: the pipeline's prints and its children's go to stderr."""
+    import subprocess
+    import sys
+    bench = _bench()
+    with bench.stdout_to_stderr():
+        print("table")
+        subprocess.run([sys.executable, "-c", "print('child summary')"], check=True)
+    print("json")
+    out, err = capfd.readouterr()
+    assert out == "json\n" and "table" in err and "child summary" in err

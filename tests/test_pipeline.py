@@ -155,6 +155,10 @@ def test_plain_solution_matches_the_canonical_answer():
         assert last_boxed(plain) == problem.answer == last_boxed(solution)
         terms = problem.question.count(" = ")
         assert plain.count(".") == terms + (terms > 1) + 1  # one sentence per part, the total, the answer line
+        chain, _ = plain.split("\n")
+        for sentence in chain.rstrip(".").split(". "):  # "A = 3 + 4 = 7", "A + B = 7 + 7 = 14": each adds up
+            _, addends, value = sentence.split(" = ")
+            assert sum(int(t) for t in addends.split(" + ")) == int(value), plain
     with pytest.raises(ValueError, match="not a synthetic question"):
         plain_solution("What is 2 + 2?")
 

@@ -19,7 +19,9 @@ train / sync, and each run's stage seconds. `exceeds_std` says whether |mean| > 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -38,6 +40,22 @@ def _stats(values: list[float]) -> dict:
     mean = statistics.fmean(values)
     std = statistics.pstdev(values) if len(values) > 1 else 0.0
     return {"mean": mean, "std": std, "values": values}
+
+
+@contextlib.contextmanager
+def stdout_to_stderr():
+    """The pipeline's tables and its child processes' summaries go to stderr (file descriptor
+    level, so children inherit it): stdout carries the benchmark's JSON only."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def run_seed(config: Path, out: Path, seed: int, overrides: list[str], shared_from: Path | None) -> dict:
@@ -91,7 +109,8 @@ def main(argv=None) -> int:
     started, runs, first = time.perf_counter(), {}, None
     for seed in args.seeds:
         out = args.out / f"seed_{seed}"
-        runs[seed] = run_seed(args.config, out, seed, args.overrides, first)
+        with stdout_to_stderr():
+            runs[seed] = run_seed(args.config, out, seed, args.overrides, first)
         first = first or out
     result = {"config": str(args.config), "overrides": args.overrides, "seeds": args.seeds,
               **summarize(runs), "runs": runs, "seconds": time.perf_counter() - started}
