@@ -146,6 +146,33 @@ def test_bootstrap_mixes_plain_causal_and_parallel_npr_samples(tmp_path):
         bootstrap_samples(path, vocab, causal_npr=0.6, parallel_npr=0.6, max_tokens=256)
 
 
+def test_bootstrap_is_bit_reproducible(tmp_path):
+    """Two bootstraps from the same inputs give bitwise the same weights (deterministic kernels);
+    control: another seed gives other weights, so the comparison can fail."""
+    from safetensors.torch import load_file
+
+    from megatron_npr.checkpoint.tiny import TinyQwen3, write_random_qwen3
+    from megatron_npr.data.synth import make_synth_dataset
+    from megatron_npr.data.tiny_tokenizer import write_tiny_tokenizer
+    from megatron_npr.data.tokenizer import load_vocab
+    from megatron_npr.pipeline.bootstrap import bootstrap_samples, bootstrap_tiny
+
+    vocab = load_vocab(tokenizer_dir=write_tiny_tokenizer(tmp_path / "tokenizer"))
+    write_random_qwen3(tmp_path / "init", vocab.tokenizer, TinyQwen3(hidden_size=32, num_hidden_layers=2,
+                                                                      intermediate_size=64))
+    path = tmp_path / "boot.jsonl"
+    path.write_text("".join(json.dumps(p.to_json() | {"solution": s}) + "\n" for p, s in make_synth_dataset(64)))
+    samples = bootstrap_samples(path, vocab, causal_npr=0.2, parallel_npr=0.3, max_tokens=256)
+    weights = []
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        bootstrap_tiny(tmp_path / "init", samples, tmp_path / name, steps=12, lr=5e-3, rows_per_step=4,
+                       max_tokens=256, seed=seed, progress=False)
+        weights.append(load_file(tmp_path / name / "model.safetensors"))
+    assert all(weights[0][k].equal(weights[1][k]) for k in weights[0])
+    assert any(not weights[0][k].equal(weights[2][k]) for k in weights[0])
+    assert not torch.are_deterministic_algorithms_enabled()  # the setting is restored afterwards
+
+
 def test_plain_solution_matches_the_canonical_answer():
     from megatron_npr.data.synth import make_synth_dataset, plain_solution
     from megatron_npr.topology import last_boxed

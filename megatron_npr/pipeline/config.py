@@ -37,8 +37,8 @@ class BootstrapSection:
     lr: float = 5e-3
     rows_per_step: int = 8
     max_tokens: int = 256
-    causal_npr: float = 0.15
-    parallel_npr: float = 0.25
+    causal_npr: float = 0.25
+    parallel_npr: float = 0.15
 
     def __post_init__(self):
         if min(self.causal_npr, self.parallel_npr) < 0 or self.causal_npr + self.parallel_npr > 1:
@@ -110,7 +110,7 @@ class PipelineConfig:
     synth: SynthSection = field(default_factory=SynthSection)
     bootstrap: BootstrapSection = field(default_factory=BootstrapSection)
     sample: SampleStage = field(default_factory=SampleStage)
-    dapo: RLStage = field(default_factory=lambda: RLStage(steps=16, optim=_rl_optim(2e-4)))
+    dapo: RLStage = field(default_factory=lambda: RLStage(steps=12, prompts_per_step=16, optim=_rl_optim(2e-4)))
     sft: SFTStage = field(default_factory=SFTStage)
     papo: RLStage = field(default_factory=lambda: RLStage(steps=16, optim=_rl_optim(5e-5)))
     eval: EvalStage = field(default_factory=EvalStage)
