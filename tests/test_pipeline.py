@@ -77,8 +77,9 @@ def test_pipeline_runs_every_stage_and_resumes(tmp_path):
     assert any(not weights["bootstrap"][k].equal(weights["dapo"][k]) for k in weights["dapo"]) or \
         report["stages"]["dapo"]["skipped_steps"] == 2  # a step without an informative group trains nothing
     for name, parallel in (("bootstrap", False), ("dapo", False), ("sft", True), ("papo", True)):
-        r = report["eval"][name]
-        assert r["problems"] == 8 and r["accuracy"] * 8 == round(r["accuracy"] * 8)
+        r = report["eval"][name]  # each stage's model decoded as its stage decodes, 2 samples at T=1
+        assert r["problems"] == 8 and r["accuracy"] * 16 == round(r["accuracy"] * 16)
+        assert (r["sampling"]["parallel"], r["sampling"]["n"], r["sampling"]["temperature"]) == (parallel, 2, 1.0)
     assert (out / "report" / "eval.png").is_file() and (out / "report" / "curves.png").is_file()
     # the default tiny tokenizer, built into out_dir, travels in every model folder: the engine and
     # the `npr sft`/`npr rl` children load it from there (a Qwen3 vocabulary would not fit the model)

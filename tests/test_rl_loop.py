@@ -189,6 +189,11 @@ def test_missing_answers_error_and_bad_keys_exit_2(tiny, tmp_path, capsys):
     assert "unknown key 'rl.stepz'" in capsys.readouterr().err
     assert main(["rl", str(path), "rl.steps=0"]) == 2
     assert "rl.steps=0" in capsys.readouterr().err
+    # an export folder that is already there is refused before any training, not after it
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / "model.safetensors").write_text("a model from another run")
+    assert main(["rl", str(path), f"rl.export_hf={tmp_path / 'export'}"]) == 2
+    assert f"rl.export_hf={tmp_path / 'export'} already exists" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 

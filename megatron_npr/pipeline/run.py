@@ -92,10 +92,11 @@ def evaluate_model(cfg: PipelineConfig, hf_dir: Path, eval_path: Path, out_json:
     if out_json.is_file():
         return json.loads(out_json.read_text())
     e = cfg.eval
-    result = run_eval(EvalConfig(engine=_engine(hf_dir), data=_synth_data(eval_path),
-                                 sampling=dataclasses.replace(e.sampling, parallel=parallel),
+    sampling = dataclasses.replace(e.sampling, parallel=parallel)
+    result = run_eval(EvalConfig(engine=_engine(hf_dir), data=_synth_data(eval_path), sampling=sampling,
                                  grader=GraderSection(kind="exact_int"), batch_problems=e.batch_problems,
                                  measure_speedup=e.measure_speedup)).to_json()
+    result["sampling"] = dataclasses.asdict(sampling)  # how this model was decoded
     write_json_atomic(out_json, result, sort_keys=False)
     return result
 
