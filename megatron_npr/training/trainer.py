@@ -9,6 +9,7 @@ model, distributed optimizer, lr schedule, checkpoints and HF export, behind one
     trainer.save(step, train_state, tokenizer)
     for bucket in trainer.hf_tensors(): ...                  # the whole model, HF names, on rank 0
     trainer.export_hf(out_dir, tokenizer)                    # the same, written as an HF folder
+    trainer.broadcast_weights(group)                         # the same, to rollout engines (SGLang's wire)
 
 Loss functions follow Megatron's per-token contract (`calculate_per_token_loss=True`):
 `loss_fn(batch, logprobs) -> (loss_sum, token_count, {name: [sum, count]})`. Megatron divides the
@@ -216,6 +217,22 @@ class MegatronTrainer:
         from ..checkpoint.megatron_io import hf_buckets
 
         return hf_buckets(self.module, self.hf_config, bucket_bytes)
+
+    def broadcast_weights(self, group, *, flattened: bool = True, bucket_bytes: int = 512 * 2**20) -> int:
+        """Collective over the trainer's ranks: the whole model as HF-named buckets to the rollout
+        engines of `group` (a `rollout.weight_transport.init_weight_group`, in SGLang's
+        `update_weights_from_distributed` format), sent by global rank 0, its rank 0; the other
+        trainer ranks pass `group=None` and only take part in the gather. Returns tensors sent."""
+        from ..rollout.weight_transport import send_weights
+
+        buckets = self.hf_tensors(bucket_bytes)
+        if dist.get_rank() != 0:
+            for _ in buckets:  # yields nothing here, but runs this rank's part of the gather
+                pass
+            return 0
+        if group is None:
+            raise ValueError("broadcast_weights: global rank 0 sends, so it needs the weight group")
+        return send_weights(buckets, group, flattened=flattened)
 
     def export_hf(self, out_dir: str | Path, tokenizer=None) -> Path:
         """Collective: the model as an HF folder (weights, config.json, `tokenizer`), gathered in
