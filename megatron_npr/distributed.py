@@ -118,3 +118,32 @@ def destroy_distributed() -> None:
     ps.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+class RendezvousError(RuntimeError):
+    """A rank could not join a process group: the message names the address it tried."""
+
+
+def init_weight_group(master_address: str, master_port: int, world_size: int, rank: int,
+                      group_name: str = "weight_update_group", backend: str = "gloo",
+                      timeout_s: float = 300.0):
+    """A process group of its own (TCP rendezvous at master_address:master_port), outside any
+    default group the process may have: the trainer is rank 0, engine ranks rank_offset + tp_rank,
+    as SGLang's `init_weights_update_group` builds its side. A rank that cannot reach the master
+    within `timeout_s` raises with the address it tried. (torch has no public way to build a
+    group beside the default one; SGLang's side uses the same helper, so both are built alike.)"""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+    from torch.distributed.distributed_c10d import PrefixStore, _new_process_group_helper, _world
+
+    timeout = timedelta(seconds=timeout_s)
+    try:
+        store = dist.TCPStore(master_address, master_port, world_size, is_master=rank == 0, timeout=timeout)
+    except Exception as e:  # noqa: BLE001 - re-raised with the address
+        raise RendezvousError(f"weight group {group_name!r}: rank {rank} could not reach "
+                              f"{master_address}:{master_port} within {timeout_s:.0f} s ({e})") from e
+    group, _ = _new_process_group_helper(world_size, rank, [], backend, PrefixStore(group_name, store),
+                                         group_name=group_name, timeout=timeout)
+    _world.pg_group_ranks[group] = {i: i for i in range(world_size)}
+    return group

@@ -127,7 +127,7 @@ def test_the_receiver_names_a_tensor_its_model_does_not_hold_as_announced():
 
 
 def test_an_unreachable_master_is_named_with_its_address():
-    from megatron_npr.rollout.weight_transport import init_weight_group
+    from megatron_npr.distributed import RendezvousError, init_weight_group
     port = _free_port()  # nobody listens there
-    with pytest.raises(TransportError, match=rf"rank 1 could not reach 127.0.0.1:{port} within 2 s"):
+    with pytest.raises(RendezvousError, match=rf"rank 1 could not reach 127.0.0.1:{port} within 2 s"):
         init_weight_group("127.0.0.1", port, 2, 1, "weights", timeout_s=2)

@@ -1,7 +1,8 @@
 """Trainer -> rollout engine weights over a process group, on the wire exactly as SGLang 0.5.21's
 `update_weights_from_distributed` receives them (../shared/research/sglang_backend.md, section 2b):
 
-- the trainer is rank 0 of a dedicated group; engine ranks are `rank_offset + tp_rank`;
+- the trainer is rank 0 of a dedicated group (`distributed.init_weight_group`); engine ranks are
+  `rank_offset + tp_rank`;
 - a bucket is announced as (name, dtype, shape) triples, then broadcast from rank 0 either
   tensor by tensor in list order (`flattened=False`) or as one uint8 tensor holding every
   tensor's bytes in list order (`flattened=True`); exact dtype and shape, no conversion;
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -156,24 +156,3 @@ def receive_weights(group, *, flattened: bool = True, shapes=None, dtype=None, d
         if shapes is not None:
             check_expected(metas, shapes, dtype)
         yield receive_bucket(metas, group, flattened=flattened, device=device)
-
-
-def init_weight_group(master_address: str, master_port: int, world_size: int, rank: int,
-                      group_name: str = "weight_update_group", backend: str = "gloo",
-                      timeout_s: float = 300.0):
-    """A process group of its own (TCP rendezvous at master_address:master_port), outside any
-    default group the process may have: the trainer is rank 0, engine ranks rank_offset + tp_rank,
-    as SGLang's `init_weights_update_group` builds its side. A rank that cannot reach the master
-    within `timeout_s` raises with the address it tried."""
-    from torch.distributed.distributed_c10d import PrefixStore, _new_process_group_helper, _world
-
-    timeout = timedelta(seconds=timeout_s)
-    try:
-        store = dist.TCPStore(master_address, master_port, world_size, is_master=rank == 0, timeout=timeout)
-    except Exception as e:  # noqa: BLE001 - re-raised with the address
-        raise TransportError(f"weight group {group_name!r}: rank {rank} could not reach "
-                             f"{master_address}:{master_port} within {timeout_s:.0f} s ({e})") from e
-    group, _ = _new_process_group_helper(world_size, rank, [], backend, PrefixStore(group_name, store),
-                                         group_name=group_name, timeout=timeout)
-    _world.pg_group_ranks[group] = {i: i for i in range(world_size)}
-    return group

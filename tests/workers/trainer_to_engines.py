@@ -38,7 +38,7 @@ def trainer(hf_dir, out, port, tp, pp, flattened):
 
     from megatron_npr.distributed import destroy_distributed
     from megatron_npr.models import NPRBatch
-    from megatron_npr.rollout.weight_transport import init_weight_group
+    from megatron_npr.distributed import init_weight_group
     from megatron_npr.sections import ModelSection, OptimSection, ParallelSection
     from megatron_npr.topology import Layout, PackSample, pack
     from megatron_npr.training.trainer import MegatronTrainer, token_nll_loss
@@ -78,7 +78,8 @@ def engine(hf_dir, out, port, rank, flattened):
     from transformers import Qwen3ForCausalLM
 
     from megatron_npr.rollout import NPREngine
-    from megatron_npr.rollout.weight_transport import init_weight_group, receive_weights
+    from megatron_npr.distributed import init_weight_group
+    from megatron_npr.rollout.weight_transport import receive_weights
     from model_fixtures import TAGS
 
     hf = Qwen3ForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)

@@ -73,8 +73,8 @@ def same(sent, got) -> bool:
 
 
 def main(rank: int, world: int, port: int, out_dir: str) -> None:
-    from megatron_npr.rollout.weight_transport import (broadcast_bucket, describe, init_weight_group,
-                                                       receive_weights, send_weights)
+    from megatron_npr.distributed import init_weight_group
+    from megatron_npr.rollout.weight_transport import broadcast_bucket, describe, receive_weights, send_weights
 
     group = init_weight_group("127.0.0.1", port, world, rank, "weight_update_group", timeout_s=60)
     cfg, buckets = model_buckets(0)
