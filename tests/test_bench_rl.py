@@ -1,17 +1,11 @@
 """tools/bench_rl.py's summary: per-stage effects as mean and std over seeds, from hand-made runs."""
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from harness import load_tool
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_rl", ROOT / "tools" / "bench_rl.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("bench_rl")
 
 
 def _run(format_before, format_after, trigger_sft, acc_sft, acc_papo, generate=2.0):

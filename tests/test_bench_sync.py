@@ -1,17 +1,11 @@
 """tools/bench_sync.py's pieces: Qwen3-shaped tensors in HF order and size-bounded buckets."""
-import importlib.util
-from pathlib import Path
-
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+from harness import load_tool
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_sync", ROOT / "tools" / "bench_sync.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("bench_sync")
 
 
 def test_buckets_keep_order_and_bound_and_a_large_tensor_goes_alone():

@@ -1,5 +1,4 @@
 """tools/convert_hf.py: round trips, verification, NPR tokens, and bad input leaving nothing behind."""
-import importlib.util
 import json
 import subprocess
 import sys
@@ -13,6 +12,7 @@ from megatron_npr.checkpoint import CheckpointError
 from megatron_npr.checkpoint import convert
 from megatron_npr.models import ModelConfigError
 from megatron_npr.topology import NPR_TAGS
+from harness import load_tool
 from model_fixtures import tiny_hf_model
 
 TOOL = Path(__file__).resolve().parent.parent / "tools" / "convert_hf.py"
@@ -70,10 +70,7 @@ def test_verify_passes_on_the_source_and_fails_on_another_model(converted):
 
 
 def _cli_main():
-    spec = importlib.util.spec_from_file_location("convert_hf_cli", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return load_tool("convert_hf").main
 
 
 @pytest.mark.parametrize("problem,error,message", [

@@ -1,6 +1,5 @@
 """The GPU check's plumbing, on the CPU: the model-step benchmark at a tiny size, the batch it
 builds, and tools/gpu_check.sh in dry-run mode (steps printed and summarised, none run)."""
-import importlib.util
 import json
 import os
 import subprocess
@@ -9,6 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from harness import load_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 ROW_KEYS = {"bench", "backend", "device", "dtype", "pass", "rows", "seq", "tokens", "loss_tokens", "params",
@@ -23,10 +24,7 @@ def _env(**extra):
 
 
 def _bench_module():
-    spec = importlib.util.spec_from_file_location("bench_model_step", ROOT / "tools" / "bench_model_step.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("bench_model_step")
 
 
 def test_bench_model_step_tiny_cpu_prints_json_rows():

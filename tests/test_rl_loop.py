@@ -11,8 +11,6 @@ Rewards come from `workers/rl_scripted.py` (the real engine replaying a correct 
 solution in every group) where a random model alone would make them trivial."""
 import json
 import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,6 +19,7 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent / "workers"))
+from harness import run_in_session  # noqa: E402
 from rl_scripted import plain_engine, rl_config, scripted_engine, write_tiny_setup  # noqa: E402
 
 WORKER = Path(__file__).parent / "workers" / "rl_scripted.py"
@@ -267,15 +266,7 @@ def test_tp2_killed_during_sync_resumes_with_the_trainers_weights(tiny, tmp_path
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
                str(WORKER), str(path), "parallel.tp=2"]
         log = tmp_path / f"run_{crash is None}.log"
-        with log.open("w") as f:  # a file, not a pipe: a killed run's helper processes may keep pipes open
-            proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-            try:
-                code = proc.wait(timeout=600)
-            finally:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)  # what a scheduler does to a killed job's leftovers
-                except ProcessLookupError:
-                    pass
+        code = run_in_session(cmd, log, env)
         assert (code != 0) == bool(crash), log.read_text()[-6000:]
         assert not crash or "exitcode  : 17" in log.read_text(), log.read_text()[-3000:]
     rows = metrics(tmp_path / "out")

@@ -2,7 +2,6 @@
 DP2 train like TP1. The model is a tiny random Qwen3 over the real Qwen3 vocabulary."""
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ import yaml
 
 from megatron_npr.data.synth import make_synth_dataset
 from megatron_npr.distributed import free_port
+from harness import run_in_session
 
 SEQ = 512
 
@@ -119,15 +119,7 @@ def run_sft(cfg: dict, tmp: Path, *overrides: str, nproc: int = 1, crash: str | 
     entry = [str(NO_SPAWN_CLI)] if no_spawn else ["-m", "megatron_npr.cli"]
     cmd = [*launcher, *entry, "sft", str(path), *overrides, "--quiet"]
     log = path.with_suffix(".log")
-    with log.open("w") as f:  # a file, not a pipe: a killed run's helper processes may keep pipes open
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        try:
-            code = proc.wait(timeout=600)
-        finally:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)  # what a scheduler does to a killed job's leftovers
-            except ProcessLookupError:
-                pass
+    code = run_in_session(cmd, log, env)
     if expect == 0:
         assert code == 0, f"{' '.join(cmd)}:\n{log.read_text()[-6000:]}"
     else:

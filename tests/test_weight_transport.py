@@ -4,7 +4,6 @@ receivers and one written from the research note's description of SGLang's, and 
 that name a wrong dtype, shape, name or order."""
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,16 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from megatron_npr.distributed import free_port
 from megatron_npr.rollout.weight_transport import (TransportError, WeightMeta, check_bucket, check_expected,
                                                    describe, flatten, unflatten)
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.multirank
@@ -29,7 +23,7 @@ def test_three_ranks_receive_every_tensor_bitwise_in_both_formats(tmp_path):
     """Rank 0 streams a tiny Qwen3 (fp32 and bf16 buckets) to ranks 1 and 2: with our
     announcement and SGLang's out-of-band metadata, one broadcast per tensor and flattened, every
     tensor arrives bitwise; an engine with other weights holds the sender's after the update."""
-    port, world = _free_port(), 3
+    port, world = free_port(), 3
     worker = ROOT / "tests" / "workers" / "weight_group.py"
     procs = [subprocess.Popen([sys.executable, str(worker), str(r), str(world), str(port), str(tmp_path)],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(world)]
@@ -58,9 +52,7 @@ def test_trainer_ranks_sync_two_engine_ranks(tiny_hf, tmp_path, tp, pp, flattene
     processes: each receives every tensor bitwise equal to the trainer's HF export, and its
     log-probs of a probe sequence equal the trainer's within 1e-5. Control: before the sync the
     engines' log-probs are more than 1e-3 away (the step moved the model)."""
-    from megatron_npr.distributed import free_port
-
-    worker, port, flag = ROOT / "tests" / "workers" / "trainer_to_engines.py", _free_port(), str(int(flattened))
+    worker, port, flag = ROOT / "tests" / "workers" / "trainer_to_engines.py", free_port(), str(int(flattened))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                                f"--master_port={free_port()}", str(worker), "trainer", str(tiny_hf), str(tmp_path),
@@ -128,6 +120,6 @@ def test_the_receiver_names_a_tensor_its_model_does_not_hold_as_announced():
 
 def test_an_unreachable_master_is_named_with_its_address():
     from megatron_npr.distributed import RendezvousError, init_weight_group
-    port = _free_port()  # nobody listens there
+    port = free_port()  # nobody listens there
     with pytest.raises(RendezvousError, match=rf"rank 1 could not reach 127.0.0.1:{port} within 2 s"):
         init_weight_group("127.0.0.1", port, 2, 1, "weights", timeout_s=2)

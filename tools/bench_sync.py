@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import statistics
 import sys
 import time
@@ -94,11 +93,10 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args(argv)
+    from megatron_npr.distributed import free_port
+
     for receivers in args.receivers:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        torch.multiprocessing.spawn(_spawned, args=(receivers + 1, port, args), nprocs=receivers + 1)
+        torch.multiprocessing.spawn(_spawned, args=(receivers + 1, free_port(), args), nprocs=receivers + 1)
     return 0
 
 
