@@ -53,13 +53,19 @@ class OutputError(OSError):
     """An output folder that cannot be written (exists and is not empty, or cannot be moved in place)."""
 
 
+def output_taken(path: str | Path) -> bool:
+    """Whether an output may not be written at `path`: something is there that is not an empty folder."""
+    target = Path(path)
+    return target.exists() and (not target.is_dir() or any(target.iterdir()))
+
+
 @contextlib.contextmanager
 def atomic_output_dir(out: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling folder that becomes `out` only if the block succeeds; on any
     error it is deleted, so a failed job leaves no partial output. An existing empty `out` is
     replaced; a non-empty one is refused."""
     target = Path(out)
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+    if output_taken(target):
         raise OutputError(f"output {target} already exists and is not an empty folder")
     target.parent.mkdir(parents=True, exist_ok=True)
     while True:  # os.mkdir (not mkdtemp) so the folder gets normal umask permissions

@@ -62,6 +62,7 @@ def run_seed(config: Path, out: Path, seed: int, overrides: list[str], shared_fr
     from megatron_npr.config import load_config
     from megatron_npr.pipeline.config import PipelineConfig
     from megatron_npr.pipeline.run import run_pipeline
+    from megatron_npr.training.run_log import read_history
 
     if shared_from is not None and not (out / "model_bootstrap").exists():
         out.mkdir(parents=True, exist_ok=True)
@@ -73,7 +74,7 @@ def run_seed(config: Path, out: Path, seed: int, overrides: list[str], shared_fr
     report = run_pipeline(cfg)
     split = {}
     for stage in ("dapo", "papo"):
-        rows = [json.loads(line) for line in (out / stage / "metrics.jsonl").read_text().splitlines() if line]
+        rows = read_history(out / stage)
         split[stage] = {p: statistics.fmean(r[f"time_{p}_s"] for r in rows) for p in PHASES}
         split[stage]["step"] = statistics.fmean(r["step_time_s"] for r in rows)
     return {"eval": report["eval"], "stage_seconds": report["stage_seconds"], "step_time_s": split}

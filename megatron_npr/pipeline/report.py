@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from ..io import write_json_atomic
+from ..training.run_log import read_history
 
 # evaluation column -> (title, decoding): the model after each stage, as it is meant to decode
 STAGES = {"bootstrap": ("bootstrap", "seq"), "dapo": ("DAPO", "seq"), "sft": ("RS+SFT", "par"),
@@ -52,12 +53,6 @@ def _plot_evals(evals: dict[str, dict], path: Path) -> None:
     plt.close(fig)
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def _plot_curves(out: Path, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -65,9 +60,9 @@ def _plot_curves(out: Path, path: Path) -> None:
 
     boot = out / "bootstrap.json"
     panels = [("bootstrap loss", json.loads(boot.read_text())["history"] if boot.is_file() else [], ("loss",)),
-              ("stage 1: DAPO", _read_jsonl(out / "dapo" / "metrics.jsonl"), ("npr_format_rate", "accuracy")),
-              ("stage 2: SFT loss", _read_jsonl(out / "sft" / "metrics.jsonl"), ("loss",)),
-              ("stage 3: PAPO", _read_jsonl(out / "papo" / "metrics.jsonl"), ("accuracy", "npr_format_rate"))]
+              ("stage 1: DAPO", read_history(out / "dapo"), ("npr_format_rate", "accuracy")),
+              ("stage 2: SFT loss", read_history(out / "sft"), ("loss",)),
+              ("stage 3: PAPO", read_history(out / "papo"), ("accuracy", "npr_format_rate"))]
     fig, axes = plt.subplots(1, 4, figsize=(15, 3.2))
     for ax, (title, rows, keys) in zip(axes, panels):
         for key in keys:

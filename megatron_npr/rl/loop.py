@@ -19,6 +19,7 @@ import torch
 from ..config import config_to_dict
 from ..data.problems import Problem
 from ..data.tokenizer import NPRVocab
+from ..io import output_taken, write_json_atomic
 from ..seeding import problem_seed, stream_seed
 from ..training.checkpointing import crash_point
 from ..training.run_log import MetricsLogger, plot_curves, read_history
@@ -101,8 +102,7 @@ class RLRun:
             log.warning("%s with %d updates per batch: the updates after the first are off-policy, so the loss "
                         "falls back to the clipped one against log-probs recomputed before the first update",
                         rl.algorithm, rl.updates_per_batch)
-        export = Path(rl.export_hf) if rl.export_hf else None
-        if export is not None and export.exists() and (not export.is_dir() or any(export.iterdir())):
+        if rl.export_hf and output_taken(rl.export_hf):
             raise ValueError(f"rl.export_hf={rl.export_hf} already exists: remove it or name another folder "
                              "(checked before training, not after)")
         dp = init_parallel(cfg.parallel, rl.seed)
@@ -151,7 +151,6 @@ class RLRun:
         if is_logger():
             keys = [k for k in CURVES if all(k in row for row in history)]
             plot_curves(history, self.out_dir / "curves.png", title=f"RL {self.cfg.rl.algorithm}", keys=keys)
-            from ..io import write_json_atomic
             write_json_atomic(self.out_dir / "summary.json", out, sort_keys=False)
         return out
 

@@ -46,7 +46,7 @@ class WeightMeta:
 
     @property
     def nbytes(self) -> int:
-        return torch.Size(self.shape).numel() * torch.empty((), dtype=self.torch_dtype).element_size()
+        return torch.Size(self.shape).numel() * self.torch_dtype.itemsize
 
     def empty(self, device) -> Tensor:
         return torch.empty(self.shape, dtype=self.torch_dtype, device=device)
@@ -93,7 +93,7 @@ def unflatten(flat: Tensor, metas: Sequence[WeightMeta]) -> list[tuple[str, Tens
     out, offset = [], 0
     for meta in metas:
         chunk = flat[offset:offset + meta.nbytes]
-        if offset % torch.empty((), dtype=meta.torch_dtype).element_size():
+        if offset % meta.torch_dtype.itemsize:
             chunk = chunk.clone()  # a view needs its offset aligned to the element size
         out.append((meta.name, chunk.view(meta.torch_dtype).reshape(meta.shape)))
         offset += meta.nbytes

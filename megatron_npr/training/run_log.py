@@ -11,13 +11,14 @@ PLOTTED = ("loss", "lr", "grad_norm", "tokens_per_s")
 METRICS_FILE = "metrics.jsonl"
 
 
-def read_history(out_dir: str | Path, upto: int) -> list[dict]:
-    """Metrics of steps <= upto from an earlier (possibly killed) run; later lines are dropped."""
+def read_history(out_dir: str | Path, upto: int | None = None) -> list[dict]:
+    """Metrics of steps <= upto (every step when None) from an earlier (possibly killed) run;
+    later lines are dropped."""
     path = Path(out_dir) / METRICS_FILE
     if not path.is_file():
         return []
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in rows if r["step"] <= upto]
+    return [r for r in rows if upto is None or r["step"] <= upto]
 
 
 class MetricsLogger:
