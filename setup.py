@@ -23,7 +23,7 @@ setup(
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6.100"],
         "gpu": ["transformer-engine[pytorch,core_cu13]>=2.9,<2.12"],
-        "rollout": ["sglang>=0.5.11,<0.5.17"],
+        "rollout": ["sglang==0.5.21"],  # the last release on torch 2.13; see rollout/sglang_backend.py
     },
     entry_points={"console_scripts": ["npr=megatron_npr.cli:main"]},
 )

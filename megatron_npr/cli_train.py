@@ -1,4 +1,4 @@
-"""`npr sft`, `npr rl`, `npr sample`, `npr eval` and `npr pipeline`: config file + key=value overrides."""
+"""`npr sft`, `npr rl`, `npr engine`, `npr sample`, `npr eval` and `npr pipeline`: config file + key=value overrides."""
 from __future__ import annotations
 
 import json
@@ -55,6 +55,22 @@ def cmd_rl(args) -> int:
     return _run(args, RLConfig, body)
 
 
+def cmd_engine(args) -> int:
+    from .rl.config import RLConfig
+    from .rl.rollouts import engine_factory_of
+    from .rollout.group import serve_engine
+
+    def body(cfg):
+        r = cfg.rollout
+        if r.placement != "split" or r.launch != "external":
+            return _fail("npr engine serves an RL run with rollout.placement=split and rollout.launch=external", 2)
+        if not 1 <= args.rank <= r.engines:
+            return _fail(f"--rank {args.rank}: engine ranks are 1..rollout.engines={r.engines}", 2)
+        serve_engine(engine_factory_of(cfg), r.host, r.port, args.rank, r.engines + 1, r.timeout_s)
+        return 0
+    return _run(args, RLConfig, body)
+
+
 def cmd_sample(args) -> int:
     from .training.rejection import RejectionConfig, run_rejection_sampling
 
@@ -92,6 +108,7 @@ def cmd_pipeline(args) -> int:
 def add_commands(sub) -> None:
     specs = [("sft", cmd_sft, "packed parallel SFT on Megatron-Core (stage 2)", True),
              ("rl", cmd_rl, "RL on Megatron-Core: DAPO (stage 1) or PAPO (stage 3), resumable", True),
+             ("engine", cmd_engine, "one rollout engine rank of an `npr rl` run (rollout.launch=external)", True),
              ("sample", cmd_sample, "rejection sampling with the engine (stage 2), resumable JSONL", True),
              ("eval", cmd_eval, "accuracy, format validity, trigger rate and speedup of a model", True),
              ("pipeline", cmd_pipeline, "the recipe end to end on a tiny model (default: built-in tiny config)", False)]
@@ -100,6 +117,8 @@ def add_commands(sub) -> None:
         p.add_argument("config", nargs=None if needs_config else "?", help="YAML config file")
         p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-6")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
+        if name == "engine":
+            p.add_argument("--rank", type=int, required=True, help="this engine's rank in the rollout group (1..engines)")
         if name == "sft":
             p.add_argument("--export-hf", help="write an HF folder of the final model here")
         p.set_defaults(func=func)

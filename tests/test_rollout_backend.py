@@ -44,7 +44,8 @@ def test_engine_is_a_rollout_backend(engine):
     assert not isinstance(NoHooks(), RolloutBackend)
 
 
-@pytest.mark.parametrize("name", ["generate", "update_weights", "release_memory", "resume_memory"])
+@pytest.mark.parametrize("name", ["generate", "update_weights", "begin_weight_update", "end_weight_update",
+                                  "release_memory", "resume_memory", "close"])
 def test_engine_methods_accept_every_protocol_call(name):
     """A static check by hand: each Protocol parameter exists on NPREngine's method with the same
     kind (or a more permissive one), and optional there when it is optional in the Protocol."""

@@ -1,14 +1,21 @@
-"""Benchmark of the weight sync transport (megatron_npr.rollout.weight_transport): one sender and
-N receiver processes in a weight-update group, Qwen3-shaped weights, printing JSON rows.
+"""Benchmark of the weight sync transports, Qwen3-shaped weights, printing JSON rows:
 
-    python tools/bench_sync.py                                   # 0.6B, bf16, gloo, 1 receiver
-    python tools/bench_sync.py --models 0.6b 1.7b --bucket-mb 64 512 --receivers 1 2
+- `group`: one sender and N receiver processes in a weight-update group
+  (megatron_npr.rollout.weight_transport, SGLang's update_weights_from_distributed wire), per
+  tensor or flattened; the split placement's path;
+- `tensor`: the colocated SGLang path (megatron_npr.rollout.tensor_payload): each bucket
+  serialized for one TP rank, deserialized and copied into the engine's tensors, in one process
+  (on a GPU the payload is a CUDA-IPC handle; on CPU a shared-memory file, so this counts one
+  copy into shared memory that a GPU does not make);
+- `inprocess`: the colocated torch engine's path, a copy into the engine's tensors.
 
-Per row: model, bytes, bucket size, wire format (per tensor / flattened), receivers, seconds for
-one whole update (the sender's announce + broadcast of every bucket until every receiver has it;
-the median of --repeat) and GB/s. The tensors are the model's HF names and shapes in HF order,
-filled with zeros (the bytes do not change the time); no model is built, no engine loads them.
-On CPU this measures gloo over loopback: a floor for what a real update costs, not a GPU figure.
+    python tools/bench_sync.py                                   # 0.6B, bf16, every transport
+    python tools/bench_sync.py --models 0.6b 1.7b 4b --bucket-mb 64 512 --receivers 1 2
+
+Per row: transport, model, bytes, bucket size, format, receivers, seconds for one whole update
+(until every receiver holds every bucket; the median of --repeat) and GB/s. The tensors are the
+model's HF names and shapes in HF order, filled with zeros (the bytes do not change the time).
+On CPU `group` measures gloo over loopback: a floor for what a real update costs, not a GPU figure.
 """
 from __future__ import annotations
 
@@ -75,10 +82,41 @@ def worker(rank: int, world: int, port: int, args, rows: list) -> None:
                     times.append(time.perf_counter() - start)
                 if rank == 0:
                     seconds = statistics.median(times)
-                    rows.append({"model": model, "dtype": args.dtype, "bytes": total, "bucket_mb": mb,
+                    rows.append({"transport": "group", "model": model, "dtype": args.dtype, "bytes": total, "bucket_mb": mb,
                                  "buckets": len(buckets), "format": "flattened" if flattened else "per_tensor",
                                  "receivers": world - 1, "seconds": seconds, "GB_per_s": total / seconds / 1e9})
                     print(json.dumps(rows[-1]), flush=True)
+
+
+def local_transports(args) -> None:
+    """`tensor` and `inprocess`: the sender's buckets into an engine's preallocated tensors."""
+    from megatron_npr.rollout.tensor_payload import deserialize_payload, serialize_bucket
+
+    for model in args.models:
+        tensors = model_tensors(model, DTYPES[args.dtype])
+        engine = {n: torch.empty_like(t) for n, t in tensors}
+        total = sum(t.numel() * t.element_size() for _, t in tensors)
+        for mb in args.bucket_mb:
+            buckets = buckets_of(tensors, mb * 2**20)
+            cases = [("inprocess", None)] * ("inprocess" in args.transports)
+            cases += [("tensor", f) for f in (False, True)] * ("tensor" in args.transports)
+            for transport, flattened in cases:
+                times = []
+                for _ in range(args.repeat):
+                    start = time.perf_counter()
+                    for bucket in buckets:
+                        if transport == "tensor":
+                            payloads = serialize_bucket(bucket, 1, flattened)
+                            bucket = deserialize_payload(payloads[0])
+                        for name, t in bucket:
+                            engine[name].copy_(t)
+                    times.append(time.perf_counter() - start)
+                seconds = statistics.median(times)
+                fmt = "copy" if flattened is None else "flattened" if flattened else "per_tensor"
+                print(json.dumps({"transport": transport, "model": model, "dtype": args.dtype, "bytes": total,
+                                  "bucket_mb": mb, "buckets": len(buckets), "format": fmt, "receivers": 1,
+                                  "seconds": seconds, "GB_per_s": total / seconds / 1e9}), flush=True)
+        del engine, tensors
 
 
 def _spawned(rank, world, port, args):
@@ -92,10 +130,13 @@ def main(argv=None) -> int:
     ap.add_argument("--receivers", type=int, nargs="+", default=[1])
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--transports", nargs="+", default=["group", "tensor", "inprocess"],
+                    choices=["group", "tensor", "inprocess"])
     args = ap.parse_args(argv)
     from megatron_npr.distributed import free_port
 
-    for receivers in args.receivers:
+    local_transports(args)
+    for receivers in args.receivers if "group" in args.transports else []:
         torch.multiprocessing.spawn(_spawned, args=(receivers + 1, free_port(), args), nprocs=receivers + 1)
     return 0
 

@@ -9,6 +9,8 @@
               `parallel` is the algorithm's (DAPO decodes sequentially, PAPO in parallel)
     engine:   {kv_slots, device, dtype}   the rollout engine; its weights come from model.hf_dir,
               then from the trainer after every step
+    rollout:  {backend, placement, engines, launch, host, port, weight_backend, flattened, bucket_mb,
+               timeout_s, generate_timeout_s, join, tp}   where the engines run (RolloutSection)
     rl:       {algorithm, steps, prompts_per_step, updates_per_batch, clip_*, ...}  (RLSection)
 """
 from __future__ import annotations
@@ -36,6 +38,40 @@ class RLEngineSection:
 
     def section(self, model: ModelSection) -> EngineSection:
         return EngineSection(model.hf_dir, model.tokenizer, self.dtype, self.kv_slots, self.device)
+
+
+@dataclass
+class RolloutSection:
+    """Where the rollout engines run and how weights reach them (`rl.rollouts.build_backend`)."""
+    backend: Literal["torch", "sglang"] = "torch"
+    placement: Literal["colocated", "split"] = "colocated"  # in rank 0's process / on engine ranks of their own
+    engines: int = 1  # split: engine ranks (requests are spread over them)
+    launch: Literal["spawn", "external"] = "spawn"  # split: rank 0 starts them, or the job's launcher does
+    host: str = "127.0.0.1"  # split: rank 0's address, where engine ranks connect
+    port: int = 0  # split: the control group's port (0: a free one; external launches need a fixed one)
+    weight_backend: Literal["gloo", "nccl"] = "gloo"  # the weight group's (nccl for engines on GPUs)
+    flattened: bool = True  # one uint8 broadcast per bucket instead of one per tensor
+    bucket_mb: int = 512  # weight buckets (trainer.hf_tensors) of at most this many MiB
+    timeout_s: float = 600.0  # an engine rank that does not answer a control call in time is named, the step fails
+    generate_timeout_s: float = 3600.0  # the same for a rollout batch
+    join: Literal["causal", "exact"] = "causal"  # sglang: how a takeaway sees its branches
+    tp: int = 1  # sglang: tensor-parallel size of each engine
+
+    def __post_init__(self):
+        checks = {"engines": self.engines >= 1, "port": 0 <= self.port < 65536, "bucket_mb": self.bucket_mb >= 1,
+                  "timeout_s": self.timeout_s > 0, "generate_timeout_s": self.generate_timeout_s > 0,
+                  "tp": self.tp >= 1}
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(f"invalid {', '.join(f'rollout.{k}={getattr(self, k)!r}' for k in bad)}")
+        if self.placement == "colocated" and self.engines != 1:
+            raise ValueError(f"rollout.engines={self.engines} needs rollout.placement=split (a colocated backend "
+                             "is one engine in rank 0's process)")
+        if self.launch == "external" and self.port == 0:
+            raise ValueError("rollout.launch=external needs a fixed rollout.port for the engine ranks to reach")
+        if self.join == "exact":
+            raise ValueError("rollout.join=exact needs the NPR join plugin for SGLang, which has not run on a GPU "
+                             "yet (unvalidated); use rollout.join=causal, or rollout.backend=torch (exact)")
 
 
 @dataclass
@@ -94,6 +130,7 @@ class RLConfig:
     grader: GraderSection = field(default_factory=GraderSection)
     sampling: SamplingParams = field(default_factory=lambda: SamplingParams(n=16, max_new_tokens=1024))
     engine: RLEngineSection = field(default_factory=RLEngineSection)
+    rollout: RolloutSection = field(default_factory=RolloutSection)
 
     def __post_init__(self):
         # the algorithm decides how rollouts are decoded (DESIGN section 1)

@@ -28,17 +28,19 @@ from .algorithms import ALGORITHMS, Algorithm
 from .batch import build_batch, mismatch_metrics, with_old_logprobs
 from .config import RLConfig
 from .prompts import PromptStream, load_rl_problems
-from .rollouts import RolloutManager
+from .rollouts import RolloutManager, build_backend, engine_factory_of
 from .step_log import Drawn, PhaseClock, is_logger, step_metrics, summary, write_rollout_dump
 
 log = logging.getLogger(__name__)
 CURVES = ("reward_mean", "accuracy", "npr_format_rate", "response_tokens", "mismatch_max", "grad_norm", "lr")
 
 
-def run_rl(cfg: RLConfig, progress: bool = True, *, engine=None, grader=None, vocab: NPRVocab | None = None) -> dict:
+def run_rl(cfg: RLConfig, progress: bool = True, *, engine=None, grader=None, vocab: NPRVocab | None = None,
+           engine_factory=None) -> dict:
     """The whole `npr rl` run, resumed from the newest checkpoint if there is one. `engine` /
-    `grader` replace the configured ones (used on global rank 0 only), `vocab` the model's."""
-    run = RLRun.start(cfg, engine, grader, vocab, progress)
+    `grader` replace the configured ones (used on global rank 0 only), `vocab` the model's;
+    `engine_factory` (picklable) builds each engine instead of the configured one (any placement)."""
+    run = RLRun.start(cfg, engine, grader, vocab, progress, engine_factory)
     algo, rl = ALGORITHMS[cfg.rl.algorithm], cfg.rl
     while run.step < rl.steps:
         step, clock = run.step + 1, PhaseClock()
@@ -90,7 +92,7 @@ class RLRun:
 
     @classmethod
     def start(cls, cfg: RLConfig, engine=None, grader=None, vocab: NPRVocab | None = None,
-              progress: bool = True) -> RLRun:
+              progress: bool = True, engine_factory=None) -> RLRun:
         """Parallel state, problems, trainer (resumed), engine (given the trainer's weights)."""
         from tqdm import tqdm
 
@@ -111,8 +113,9 @@ class RLRun:
         problems, skipped = load_rl_problems(cfg.data, rl.missing_answer)
         trainer = MegatronTrainer.build(cfg.model, cfg.parallel, cfg.optim, rl.steps * rl.updates_per_batch, rl.seed,
                                         Path(rl.out_dir) / "checkpoints", keep_last=rl.keep_last)
-        rollouts = RolloutManager(lambda: engine if engine is not None else cfg.engine.section(cfg.model).build(),
-                                  lambda: grader if grader is not None else open_grader(cfg.grader, problems))
+        rollouts = RolloutManager(lambda: build_backend(cfg.rollout, engine_factory_of(cfg, engine, engine_factory)),
+                                  lambda: grader if grader is not None else open_grader(cfg.grader, problems),
+                                  bucket_bytes=cfg.rollout.bucket_mb << 20)
         run = cls(cfg, vocab, PromptStream(problems, rl.prompts_per_step, rl.seed), trainer, rollouts, dp, skipped)
         state = trainer.resume() or {}
         run.step = state.get("step", 0)

@@ -1,16 +1,22 @@
 """`RolloutBackend`: what evaluation, rejection sampling and RL need from a rollout engine.
 
-`NPREngine` (torch) is one backend; a colocated server engine (e.g. SGLang, sharing the GPU with
-the trainer) is another. A training step with a colocated backend runs in this order:
+`NPREngine` (torch, in the trainer's process), `EngineGroup` (engines on their own ranks,
+`group.py`) and `SGLangBackend` (`sglang_backend.py`) are the backends. An RL step drives any of
+them in this order (`rl.rollouts.RolloutManager`), which is SGLang's colocation order:
 
     rollouts = backend.generate(prompts, params, seeds=seeds)
-    backend.release_memory()          # free weights and KV cache for the trainer
+    backend.release_memory()                    # weights and KV cache back to the trainer
     ... train ...
-    backend.resume_memory()           # take the memory back
-    backend.update_weights(trainer_weights)
+    backend.resume_memory(["weights"])
+    backend.begin_weight_update()
+    for bucket in trainer.hf_tensors(bucket_bytes):
+        backend.update_weights(bucket)
+    backend.end_weight_update(version)          # caches flushed; later rollouts carry `version`
+    backend.resume_memory(["kv_cache", "cuda_graph"])
 
-The memory hooks map onto SGLang's release_memory_occupation / resume_memory_occupation; an engine
-that does not share its device with a trainer implements them as no-ops.
+The memory hooks map onto SGLang's release_memory_occupation / resume_memory_occupation (tags
+"weights", "kv_cache", "cuda_graph"; None means all); an engine that does not share its device
+with a trainer implements them as no-ops.
 """
 from __future__ import annotations
 
@@ -20,6 +26,8 @@ from torch import Tensor
 
 from .rollout import Rollout
 from .sampling import SamplingParams
+
+MEMORY_TAGS = ("weights", "kv_cache", "cuda_graph")  # SGLang's memory-occupation tags; None means all
 
 
 @runtime_checkable
@@ -34,10 +42,23 @@ class RolloutBackend(Protocol):
         """Load HF-named tensors (what the trainer exports) in place; returns how many."""
         ...
 
-    def release_memory(self) -> None:
-        """Give back the device memory of weights and KV cache (between rollout and training)."""
+    def begin_weight_update(self) -> None:
+        """Open a weight update: `update_weights` calls follow (SGLang 0.5.21 refuses them outside one)."""
         ...
 
-    def resume_memory(self) -> None:
-        """Take the memory back before the next `update_weights` / `generate`."""
+    def end_weight_update(self, version: int) -> None:
+        """Close the update, flush every cache built with the old weights; rollouts generated from
+        now on come from weight version `version`."""
+        ...
+
+    def release_memory(self, tags: list[str] | None = None) -> None:
+        """Give back the device memory of `tags` ("weights", "kv_cache", "cuda_graph"; None: all)."""
+        ...
+
+    def resume_memory(self, tags: list[str] | None = None) -> None:
+        """Take the memory of `tags` back (None: all) before `update_weights` / `generate`."""
+        ...
+
+    def close(self) -> None:
+        """Stop the engine (processes, servers) and free what it holds."""
         ...

@@ -57,12 +57,21 @@ class NPREngine:
         """Load HF-named tensors (what the trainer exports) in place; returns how many."""
         return self.weights.update(named_tensors)
 
-    def release_memory(self) -> None:
+    def begin_weight_update(self) -> None:
+        """No-op: `update_weights` copies in place, and no cache outlives a `generate` call."""
+
+    def end_weight_update(self, version: int) -> None:
+        """No-op: the KV pool is empty between calls, so nothing holds the old weights' keys."""
+
+    def release_memory(self, tags: list[str] | None = None) -> None:
         """No-op: the torch engine keeps its weights and KV cache (it does not share a device
         with a trainer)."""
 
-    def resume_memory(self) -> None:
+    def resume_memory(self, tags: list[str] | None = None) -> None:
         """No-op (see release_memory)."""
+
+    def close(self) -> None:
+        """No-op: nothing runs outside this object."""
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, *,
                  replay: list[list[int]] | None = None, seeds: list[int] | None = None) -> list[Rollout]:

@@ -9,8 +9,9 @@ format for DAPO, dropped by PAPO), while every log-prob still comes from the rea
 
     torchrun --nproc_per_node 2 rl_scripted.py CONFIG.yaml [key=value ...] [--skip-sync K]
 
-runs `run_rl` with the scripted engine (built on rank 0 only); `--skip-sync K` makes the engine
-ignore its K-th weight update (the negative control of the fidelity tests).
+runs `run_rl` with the scripted engine (built on rank 0 only, or on every engine rank with
+`rollout.placement=split`); `--skip-sync K` makes the engine ignore its K-th weight update (the
+negative control of the fidelity tests).
 """
 import dataclasses
 import json
@@ -76,15 +77,12 @@ class ScriptedSamples:
 
     def update_weights(self, named_tensors):
         self.updates += 1
-        if self.updates == self.skip_sync:
-            return 0  # the negative control: this sync never reaches the engine
+        if self.updates == self.skip_sync:  # the negative control: this bucket never reaches the engine,
+            return len(list(named_tensors))  # though the engine says it does (the silent failure)
         return self.engine.update_weights(named_tensors)
 
-    def release_memory(self):
-        self.engine.release_memory()
-
-    def resume_memory(self):
-        self.engine.resume_memory()
+    def __getattr__(self, name):  # the rest of the RolloutBackend (memory hooks, update session) is the engine's
+        return getattr(self.engine, name)
 
 
 def plain_engine(cfg, vocab):
@@ -102,6 +100,32 @@ def scripted_engine(cfg, vocab, skip_sync=None) -> ScriptedSamples:
     return ScriptedSamples(plain_engine(cfg, vocab), vocab, cfg.data.path, skip_sync)
 
 
+class DiesAt(ScriptedSamples):
+    """An engine rank whose process dies in its `die_at`-th generate call (a lost node)."""
+
+    def generate(self, prompts, params, *, seeds):
+        self.calls = getattr(self, "calls", 0) + 1
+        if self.calls == self.die_at:
+            os._exit(5)
+        return super().generate(prompts, params, seeds=seeds)
+
+
+def scripted_engine_from_config(config_path: str, overrides: tuple = (), skip_sync=None,
+                                die_at: int | None = None) -> ScriptedSamples:
+    """The scripted engine of a config file: what a spawned engine rank builds (picklable as a
+    functools.partial of this module-level function). With `die_at`, engine rank 2 dies there."""
+    import multiprocessing
+
+    from megatron_npr.config import load_config
+    from megatron_npr.rl.config import RLConfig
+
+    cfg = load_config(RLConfig, config_path, list(overrides))
+    engine = scripted_engine(cfg, cfg.model.vocab(), skip_sync)
+    if die_at and multiprocessing.current_process().name == "npr-engine-2":
+        engine.__class__, engine.die_at = DiesAt, die_at
+    return engine
+
+
 def main(argv):
     import torch.distributed as dist
 
@@ -109,15 +133,23 @@ def main(argv):
     from megatron_npr.rl.config import RLConfig
     from megatron_npr.rl.loop import run_rl
 
-    skip = None
+    skip = die_at = None
     if "--skip-sync" in argv:
         k = argv.index("--skip-sync")
         skip, argv = int(argv[k + 1]), argv[:k] + argv[k + 2:]
+    if "--engine-dies-at" in argv:
+        k = argv.index("--engine-dies-at")
+        die_at, argv = int(argv[k + 1]), argv[:k] + argv[k + 2:]
     cfg = load_config(RLConfig, argv[0], argv[1:])
     rank0 = int(os.environ.get("RANK", "0")) == 0
     vocab = cfg.model.vocab()
-    engine = scripted_engine(cfg, vocab, skip) if rank0 else None
-    summary = run_rl(cfg, progress=False, engine=engine, vocab=vocab)
+    if cfg.rollout.placement == "split":  # every engine rank builds its own scripted engine
+        import functools
+        factory = functools.partial(scripted_engine_from_config, argv[0], tuple(argv[1:]), skip, die_at)
+        summary = run_rl(cfg, progress=False, engine_factory=factory, vocab=vocab)
+    else:
+        engine = scripted_engine(cfg, vocab, skip) if rank0 else None
+        summary = run_rl(cfg, progress=False, engine=engine, vocab=vocab)
     if dist.is_initialized():
         dist.barrier()
     if rank0:
