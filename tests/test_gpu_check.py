@@ -14,7 +14,7 @@ from harness import load_tool
 ROOT = Path(__file__).resolve().parents[1]
 ROW_KEYS = {"bench", "backend", "device", "dtype", "pass", "rows", "seq", "tokens", "loss_tokens", "params",
             "loss", "first_step_s", "ms", "tokens_per_s", "approx_tflops_per_s", "mask_ms", "visible_pairs"}
-STEPS = ["install_wheels", "nvidia_smi", "import_check", "pytest", "model_step", "attention", "engine"]
+STEPS = ["install_wheels", "nvidia_smi", "import_check", "pytest", "model_step", "attention", "engine", "sync"]
 
 
 def _env(**extra):
@@ -79,7 +79,7 @@ def test_gpu_check_dry_run_lists_steps_and_writes_summary(tmp_path):
     assert "tools/bench_model_step.py --device cuda" in steps["model_step"]["command"]
     for name in ("install_wheels", "nvidia_smi", "import_check", "pytest", "model_step"):
         assert steps[name]["status"] == "dry_run" and steps[name]["rc"] is None, steps[name]
-    for name in ("attention", "engine"):  # left out by GPU_CHECK_STEPS
+    for name in ("attention", "engine", "sync"):  # left out by GPU_CHECK_STEPS
         assert steps[name]["status"] == "not_selected"
     files = [p for p in out.rglob("*") if p.is_file()]
     assert len(files) <= 8 and {p.name for p in files} <= {"gpu_check.json", "env.log"}

@@ -82,7 +82,7 @@ def worker(rank: int, world: int, port: int, args, rows: list) -> None:
                     times.append(time.perf_counter() - start)
                 if rank == 0:
                     seconds = statistics.median(times)
-                    rows.append({"transport": "group", "model": model, "dtype": args.dtype, "bytes": total, "bucket_mb": mb,
+                    rows.append({"transport": "group", "device": "cpu", "model": model, "dtype": args.dtype, "bytes": total, "bucket_mb": mb,
                                  "buckets": len(buckets), "format": "flattened" if flattened else "per_tensor",
                                  "receivers": world - 1, "seconds": seconds, "GB_per_s": total / seconds / 1e9})
                     print(json.dumps(rows[-1]), flush=True)
@@ -93,7 +93,7 @@ def local_transports(args) -> None:
     from megatron_npr.rollout.tensor_payload import deserialize_payload, serialize_bucket
 
     for model in args.models:
-        tensors = model_tensors(model, DTYPES[args.dtype])
+        tensors = [(n, t.to(args.device)) for n, t in model_tensors(model, DTYPES[args.dtype])]
         engine = {n: torch.empty_like(t) for n, t in tensors}
         total = sum(t.numel() * t.element_size() for _, t in tensors)
         for mb in args.bucket_mb:
@@ -110,10 +110,13 @@ def local_transports(args) -> None:
                             bucket = deserialize_payload(payloads[0])
                         for name, t in bucket:
                             engine[name].copy_(t)
+                    if args.device == "cuda":
+                        torch.cuda.synchronize()
                     times.append(time.perf_counter() - start)
                 seconds = statistics.median(times)
                 fmt = "copy" if flattened is None else "flattened" if flattened else "per_tensor"
-                print(json.dumps({"transport": transport, "model": model, "dtype": args.dtype, "bytes": total,
+                print(json.dumps({"transport": transport, "device": args.device, "model": model, "dtype": args.dtype,
+                                  "bytes": total,
                                   "bucket_mb": mb, "buckets": len(buckets), "format": fmt, "receivers": 1,
                                   "seconds": seconds, "GB_per_s": total / seconds / 1e9}), flush=True)
         del engine, tensors
@@ -132,6 +135,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--transports", nargs="+", default=["group", "tensor", "inprocess"],
                     choices=["group", "tensor", "inprocess"])
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="where tensor and inprocess keep the weights (group runs over gloo on the CPU)")
     args = ap.parse_args(argv)
     from megatron_npr.distributed import free_port
 

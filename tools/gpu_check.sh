@@ -13,12 +13,14 @@
 #   model_step   tools/bench_model_step.py          -> $OUT/bench_model_step.log (JSON rows)
 #   attention    tools/bench_attention.py (reduced) -> $OUT/bench_attention.log (JSON rows)
 #   engine       tools/bench_engine.py              -> $OUT/bench_engine.log (JSON row)
+#   sync         tools/bench_sync.py (weights on the GPU: in-process copy and the tensor path,
+#                Qwen3-0.6B and 4B; NCCL needs two GPUs) -> $OUT/bench_sync.log (JSON rows)
 # and $OUT/gpu_check.json: per step its command, exit code, seconds and parsed results, plus the
-# device, versions and date. At most 7 files under $OUT (the device tool returns 8).
+# device, versions and date. At most 8 files under $OUT (what the device tool returns).
 #
 # Environment: OUT (default runs/gpu_check), PYTHON (default python3), GPU_CHECK_DRY_RUN=1,
 # GPU_CHECK_BUDGET_S (default 480: later steps get less time so the whole check ends by then),
-# GPU_CHECK_STEPS (default "pytest model_step attention engine": a subset for a rerun),
+# GPU_CHECK_STEPS (default "pytest model_step attention engine sync": a subset for a rerun),
 # GPU_CHECK_SITE (default /tmp/site), GPU_CHECK_WHEELS (default .whl), GPU_CHECK_FORCE_INSTALL=1
 # (install the wheels even if the packages import), GPU_CHECK_SKIP_SETUP=1 (no install, nvidia-smi
 # or import check: for the plumbing test).
@@ -43,7 +45,7 @@ mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 cd "$REPO" || exit 1
 PYTHON=${PYTHON:-python3}
 BUDGET=${GPU_CHECK_BUDGET_S:-480}
-STEPS=" ${GPU_CHECK_STEPS-pytest model_step attention engine} "
+STEPS=" ${GPU_CHECK_STEPS-pytest model_step attention engine sync} "
 SITE=${GPU_CHECK_SITE:-/tmp/site}
 WHEEL_DIR=${GPU_CHECK_WHEELS:-.whl}
 SKIP_SETUP=${GPU_CHECK_SKIP_SETUP:-0}
@@ -53,7 +55,7 @@ START_NS=$(date +%s%N)
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 export PYTHONUNBUFFERED=1 MPLBACKEND=Agg
-rm -f "$OUT"/{gpu_check.json,env.log,pytest_gpu.log,pytest_gpu.xml,bench_model_step.log,bench_attention.log,bench_engine.log}
+rm -f "$OUT"/{gpu_check.json,env.log,pytest_gpu.log,pytest_gpu.xml,bench_model_step.log,bench_attention.log,bench_engine.log,bench_sync.log}
 : >"$WORK/steps.tsv"
 
 elapsed_s() { echo $((($(date +%s%N) - START_NS) / 1000000000)); }
@@ -169,6 +171,8 @@ maybe attention 150 "$OUT/bench_attention.log" \
   --layouts "4 branches" "packed 4 docs x 4 branches" --warmup 3 --repeat 10
 maybe engine 90 "$OUT/bench_engine.log" \
   "$PYTHON" tools/bench_engine.py --device cuda --batch 8 --layers 4 --hidden 512 --repeat 2
+maybe sync 60 "$OUT/bench_sync.log" \
+  "$PYTHON" tools/bench_sync.py --device cuda --models 0.6b 4b --bucket-mb 512 --transports inprocess tensor
 
 # ---- 4. the summary
 "$PYTHON" - "$WORK/steps.tsv" "$WORK/env.json" "$OUT" "$DRY" "$BUDGET" "$(elapsed_s)" <<'EOF'
@@ -244,7 +248,7 @@ for line in Path(steps_tsv).read_text().splitlines():
     if status in ("ok", "failed", "timeout") and logp is not None:
         if name == "pytest":
             step["results"] = pytest_results(logp)
-        elif name in ("model_step", "attention", "engine"):
+        elif name in ("model_step", "attention", "engine", "sync"):
             step["results"] = json_rows(logp)
     steps.append(step)
 
