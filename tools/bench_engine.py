@@ -1,20 +1,30 @@
 """Engine benchmark: parallel vs sequential decoding of the same NPR trajectories; prints JSON.
 
     python tools/bench_engine.py [--batch 8] [--branches 4] [--branch-len 64] [--layers 2] [--hidden 128]
+                                 [--decode-attention sdpa|triton]
 
 Both modes replay identical token sequences (forced replays of fixed trajectories), so they
 decode exactly the same number of tokens; the parallel engine forks the branches and decodes them
 side by side, the sequential one decodes them one after another. The ideal speedup is total
 response tokens / critical-path tokens; the measured one is the ratio of wall-clock times.
+
+`--decode-attention triton` decodes with the split-K kernel (kernels/npr_decode_attention.py).
+Without CUDA it runs in Triton's interpreter: the row then says `"interpreted": true`, and its
+times measure the interpreter, not the kernel (a correctness run only; use tiny sizes).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import sys
 import time
 
 import torch
+
+if not torch.cuda.is_available():  # before transformers imports triton (megatron_npr/kernels/triton_sources.py)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from megatron_npr.rollout import NPREngine, SamplingParams
 from megatron_npr.topology import NPR_TAGS, TagIds
@@ -30,7 +40,12 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=1024)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--decode-attention", choices=["sdpa", "triton"], default="sdpa")
     args = ap.parse_args()
+    interpreted = args.decode_attention == "triton" and args.device != "cuda"
+    if interpreted:
+        print("bench_engine: the Triton kernel runs in the interpreter here; its times are not performance",
+              file=sys.stderr)
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     torch.manual_seed(0)
@@ -43,7 +58,8 @@ def main() -> None:
     G, g, P, p, S, s, K, k = tags.ids
     eos, label = args.vocab - 1, (lambda j: [args.vocab - 8 + (j % 6)])
     engine = NPREngine(cfg.to_dict(), hf.state_dict(), tags=tags, eos_ids=[eos], label_ids=label,
-                       kv_slots=args.batch * (64 + 16 * args.branches * args.branch_len) + 4096, device=args.device)
+                       kv_slots=args.batch * (64 + 16 * args.branches * args.branch_len) + 4096, device=args.device,
+                       decode_attention=args.decode_attention)
     gen = torch.Generator().manual_seed(1)
     text = lambda n: torch.randint(0, args.vocab - 16, (n,), generator=gen).tolist()  # noqa: E731
     response = text(8) + [G] + sum(([P] + text(6) + [p] for _ in range(args.branches)), []) + [g]
@@ -67,7 +83,8 @@ def main() -> None:
     total, critical = stats["response_tokens"], stats["critical_path_tokens"]
     print(json.dumps({
         "bench": "engine", "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.machine(),
-        "threads": torch.get_num_threads(), "batch": args.batch, "branches": args.branches,
+        "threads": torch.get_num_threads(), "decode_attention": args.decode_attention, "interpreted": interpreted,
+        "batch": args.batch, "branches": args.branches,
         "branch_len": args.branch_len, "layers": args.layers, "hidden": args.hidden,
         "response_tokens": total, "critical_path_tokens": critical, "ideal_speedup": round(total / critical, 3),
         "parallel_s": round(tp, 4), "sequential_s": round(ts, 4), "measured_speedup": round(ts / tp, 3),

@@ -1,4 +1,5 @@
-"""Attention over NPR layouts: FlexAttention with an exact block mask, and a dense reference.
+"""Attention over NPR layouts: FlexAttention with an exact block mask, fused Triton kernels
+(`backend="triton"`, sources in the repository's kernels/ folder), and a dense reference.
 
 Visibility comes from the compact arrays of the topology module: key k is visible to query q iff
 doc_start[q] <= k <= q and k lies in none of q's holes [hole_lo[d, q], hole_hi[d, q]).
@@ -161,8 +162,11 @@ def npr_attention(q, k, v, layout: AttentionLayout | FlexInputs, backend: str = 
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                              attn_mask=layout.visible()[:, None], scale=scale, enable_gqa=gqa)
         return out.transpose(1, 2)
+    if backend == "triton":  # fused Triton kernels (kernels/npr_flash_attention.py); forward and backward
+        from .triton_sources import load
+        return load("npr_flash_attention").npr_flash_attention(q, k, v, layout, scale=scale)
     if backend != "flex":
-        raise ValueError(f"npr_attention backend {backend!r}; choose 'flex' or 'sdpa'")
+        raise ValueError(f"npr_attention backend {backend!r}; choose 'flex', 'triton' or 'sdpa'")
     prepared = prepared or prepare_flex(layout)
     pad = prepared.length - s
     q, k, v = (F.pad(t, (0, 0, 0, 0, 0, pad)).transpose(1, 2) for t in (q, k, v))

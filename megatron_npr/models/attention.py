@@ -8,6 +8,8 @@ that object is depends on the backend; `attention_inputs` builds it from the bat
   differentiable, O(s^2) memory.
 - `flex`: a FlexAttention block mask built once per batch (megatron_npr.kernels); the fused GPU
   path. Forward only on CPU (torch has no CPU backward for it).
+- `triton`: the project's fused Triton kernels (kernels/npr_flash_attention.py) over the compact
+  AttentionLayout on the compute device; forward and backward, on CPU in Triton's interpreter.
 - `te`: Transformer Engine with an arbitrary mask (an unfused baseline; needs TE and CUDA).
 """
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 
-from ..kernels import AttentionLayout, npr_attention, prepare_flex
+from ..kernels import AttentionLayout, npr_attention, prepare_flex, triton_sources
 from .config import ATTENTION_BACKENDS
 
 
@@ -40,12 +42,13 @@ class NPRCoreAttention(MegatronModule):
             raise NotImplementedError("NPR attention takes its layout from attention_mask only")
         if self.backend == "te":
             return self.te(query, key, value, attention_mask)
-        if self.backend == "flex":
-            if query.device.type == "cpu" and torch.is_grad_enabled() and query.requires_grad:
+        if self.backend in ("flex", "triton"):
+            if self.backend == "flex" and query.device.type == "cpu" and torch.is_grad_enabled() \
+                    and query.requires_grad:
                 raise NotImplementedError("FlexAttention has no backward on CPU: train with 'sdpa' on CPU "
                                           "(flex forward works, e.g. under torch.no_grad())")
             q, k, v = (t.transpose(0, 1) for t in (query, key, value))  # [b, s, heads, d]
-            out = npr_attention(q, k, v, attention_mask, "flex", scale=self.scale)
+            out = npr_attention(q, k, v, attention_mask, self.backend, scale=self.scale)
             b, s, h, d = out.shape
             return out.transpose(0, 1).reshape(s, b, h * d)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, d]
@@ -63,6 +66,11 @@ def require_backend(backend: str) -> None:
     """Fail before any model is built when a backend cannot run here."""
     if backend not in ATTENTION_BACKENDS:
         raise ValueError(f"attention backend {backend!r}; choose one of {ATTENTION_BACKENDS}")
+    if backend == "triton":
+        try:
+            triton_sources.load("npr_flash_attention")
+        except ImportError as e:
+            raise RuntimeError(f"the 'triton' attention backend needs triton: {e}") from e
     if backend == "te":
         try:
             import transformer_engine  # noqa: F401
@@ -83,10 +91,10 @@ def attention_inputs(batch, backend: str):
     """The `attention_mask` object GPTModel.forward passes to every layer for this batch."""
     if backend in ("sdpa", "te"):
         return ~batch.dense_mask().unsqueeze(1)  # [b, 1, s, s], True = masked
-    if backend == "flex":  # one block mask per batch, on the compute device, shared by all layers
+    if backend in ("flex", "triton"):  # built once per batch on the compute device, shared by all layers
         device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
-        return prepare_flex(AttentionLayout(batch.doc_start.to(device), batch.hole_lo.to(device),
-                                            batch.hole_hi.to(device)))
+        layout = AttentionLayout(batch.doc_start.to(device), batch.hole_lo.to(device), batch.hole_hi.to(device))
+        return prepare_flex(layout) if backend == "flex" else layout  # flex: its block mask
     raise ValueError(f"attention backend {backend!r}; choose one of {ATTENTION_BACKENDS}")
 
 

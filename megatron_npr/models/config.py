@@ -13,7 +13,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from .qwen3_hf import ModelConfigError, Qwen3Spec, read_hf_config
 
-ATTENTION_BACKENDS = ("sdpa", "flex", "te")
+ATTENTION_BACKENDS = ("sdpa", "flex", "triton", "te")
 
 
 @dataclass

@@ -7,8 +7,8 @@
     grader:   {kind, workers, timeout_s}
     sampling: rollout.SamplingParams (n samples per prompt, temperature, max_new_tokens, ...);
               `parallel` is the algorithm's (DAPO decodes sequentially, PAPO in parallel)
-    engine:   {kv_slots, device, dtype}   the rollout engine; its weights come from model.hf_dir,
-              then from the trainer after every step
+    engine:   {kv_slots, device, dtype, decode_attention}   the rollout engine; its weights come from
+              model.hf_dir, then from the trainer after every step
     rollout:  {backend, placement, engines, launch, host, port, weight_backend, flattened, bucket_mb,
                timeout_s, generate_timeout_s, join, tp}   where the engines run (RolloutSection)
     rl:       {algorithm, steps, prompts_per_step, updates_per_batch, clip_*, ...}  (RLSection)
@@ -31,13 +31,15 @@ class RLEngineSection:
     kv_slots: int = 1 << 16
     device: str = "cpu"
     dtype: DType = "fp32"
+    decode_attention: Literal["sdpa", "triton"] = "sdpa"  # the torch engine's; SGLang has its own kernels
 
     def __post_init__(self):
         if self.kv_slots < 1:
             raise ValueError(f"kv_slots must be >= 1, got {self.kv_slots}")
 
     def section(self, model: ModelSection) -> EngineSection:
-        return EngineSection(model.hf_dir, model.tokenizer, self.dtype, self.kv_slots, self.device)
+        return EngineSection(model.hf_dir, model.tokenizer, self.dtype, self.kv_slots, self.device,
+                             self.decode_attention)
 
 
 @dataclass

@@ -15,7 +15,7 @@ import torch
 
 from ..topology import TagIds
 from .pool import SlotPool
-from .qwen3_torch import KVCache, Qwen3Spec, Qwen3Weights, forward
+from .qwen3_torch import ATTENTION, KVCache, Qwen3Spec, Qwen3Weights, forward
 from .rollout import Rollout
 from .sampling import SamplingParams
 from .scheduler import DecodeStep, DecodeVocab, RolloutScheduler
@@ -24,11 +24,13 @@ PROMPT_EXPECTED = "a non-empty list (or tuple) of int token ids, or a 1-D intege
 
 
 class NPREngine:
-    """A `RolloutBackend` (see backend.py) running Qwen3 in torch."""
+    """A `RolloutBackend` (see backend.py) running Qwen3 in torch. `decode_attention="triton"` runs
+    decoding steps on the split-K kernel in kernels/npr_decode_attention.py (prefill keeps SDPA)."""
 
     def __init__(self, hf_config: dict, tensors: Mapping | Iterable, *, tags: TagIds, eos_ids: Iterable[int],
                  label_ids: Callable[[int], list[int]], kv_slots: int = 1 << 16, prefill_chunk: int = 512,
-                 dtype: torch.dtype = torch.float32, device: str = "cpu"):
+                 dtype: torch.dtype = torch.float32, device: str = "cpu", decode_attention: str = "sdpa"):
+        check_decode_attention(decode_attention, device)
         spec = Qwen3Spec.from_hf_config(hf_config)
         if max(tags.ids) >= spec.vocab_size:
             raise ValueError(f"NPR tag ids {tags.ids} do not fit the model's vocabulary of {spec.vocab_size}; "
@@ -37,7 +39,7 @@ class NPREngine:
         self.weights = Qwen3Weights(spec, tensors if isinstance(tensors, Mapping) else dict(tensors), dtype, device)
         self.cache = KVCache(spec, kv_slots, dtype, device)
         self.pool = SlotPool(kv_slots)
-        self.prefill_chunk, self.device = prefill_chunk, device
+        self.prefill_chunk, self.device, self.decode_attention = prefill_chunk, device, decode_attention
 
     @classmethod
     def from_hf(cls, hf_dir, tokenizer_dir=None, **kwargs) -> "NPREngine":
@@ -131,7 +133,20 @@ class NPREngine:
     def _decode(self, step: DecodeStep) -> torch.Tensor:
         """One batched forward over every running stream's next token."""
         return forward(self.weights, self.cache, step.tokens, step.positions, step.write_slots,
-                       step.visible_slots, step.lengths)
+                       step.visible_slots, step.lengths, attention=self.decode_attention)
+
+
+def check_decode_attention(decode_attention: str, device: str) -> None:
+    """ValueError unless the engine can decode with `decode_attention` on `device`; loads the Triton
+    kernel (and so triton) only when it is chosen, at construction rather than at the first step."""
+    if decode_attention not in ATTENTION:
+        raise ValueError(f"decode_attention must be one of {ATTENTION}, got {decode_attention!r}")
+    if decode_attention == "triton":
+        from ..kernels import triton_sources
+        triton_sources.load("npr_decode_attention")
+        if torch.device(device).type != "cuda" and not triton_sources.interpreted():
+            raise ValueError(f"decode_attention='triton' runs on CUDA (or in Triton's interpreter with "
+                             f"TRITON_INTERPRET=1), not on device {device!r}")
 
 
 def prompt_token_ids(prompt, index: int, vocab_size: int) -> list[int]:

@@ -20,6 +20,7 @@ from ..models.qwen3_hf import EMBED, FINAL_NORM, LM_HEAD, Qwen3Spec, layer_prefi
 
 # Gathered K plus V for one query chunk stays under this many elements (bounds peak memory).
 GATHER_BUDGET = 64 * 1024 * 1024
+ATTENTION = ("sdpa", "triton")  # forward's attention implementations
 
 
 class Qwen3Weights:
@@ -100,13 +101,15 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 def forward(weights: Qwen3Weights, cache: KVCache, tokens: Tensor, positions: Tensor, write_slots: Tensor,
-            visible: Tensor, visible_len: Tensor) -> Tensor:
+            visible: Tensor, visible_len: Tensor, attention: str = "sdpa") -> Tensor:
     """tokens/positions/write_slots: [n] int64; visible: [n, V] int64 slot indices (row i's first
     visible_len[i] entries are valid, the rest padding, any value); returns logits [n, vocab] float32.
 
     Per layer, k/v of all n queries are written at write_slots before any query attends, so a
     query sees tokens of its own call (including itself) through their slots. Every row must
-    list at least one slot (normally its own); out-of-range valid entries are the caller's bug."""
+    list at least one slot (normally its own); out-of-range valid entries are the caller's bug.
+    `attention`: "sdpa" (gathered SDPA, any device) or "triton" (kernels/npr_decode_attention.py:
+    no gathered copy; on CPU it runs in Triton's interpreter, a correctness tool only)."""
     spec, dev, dtype = weights.spec, weights.device, weights.dtype
     n = tokens.shape[0]
     if positions.shape != (n,) or write_slots.shape != (n,) or visible.dim() != 2 or \
@@ -116,17 +119,11 @@ def forward(weights: Qwen3Weights, cache: KVCache, tokens: Tensor, positions: Te
                          f"visible_len {tuple(visible_len.shape)}")
     tokens, positions, write_slots = (t.to(dev, torch.long) for t in (tokens, positions, write_slots))
     visible, visible_len = visible.to(dev, torch.long), visible_len.to(dev, torch.long)
-    num_visible = visible.shape[1]
     hq, hkv, d = spec.num_heads, spec.num_kv_heads, spec.head_dim
 
     with torch.no_grad():  # not inference_mode: logits and cache stay usable by ordinary code
-        valid = torch.arange(num_visible, device=dev)[None, :] < visible_len[:, None]  # [n, V]
-        visible = torch.where(valid, visible, 0)  # padding may hold any value; make it a safe index
-        attn_mask = valid[:, None, None, :]  # [n, 1, 1, V]: broadcast over heads and the single query
+        attend = attention_fn(attention, visible, visible_len, 1.0 / math.sqrt(d))
         cos, sin = (t.to(dtype)[:, None, :] for t in rope_cos_sin(positions, d, spec.rope_theta))
-        chunk = max(1, GATHER_BUDGET // (2 * max(num_visible, 1) * hkv * d))
-        scale = 1.0 / math.sqrt(d)
-
         x = weights.tensors[EMBED][tokens]  # [n, hidden]
         for li, layer in enumerate(weights.layers):
             h = rms_norm(x, layer["input_layernorm.weight"], spec.rms_norm_eps)
@@ -137,17 +134,7 @@ def forward(weights: Qwen3Weights, cache: KVCache, tokens: Tensor, positions: Te
             k = apply_rope(rms_norm(k, layer["self_attn.k_norm.weight"], spec.rms_norm_eps), cos, sin)
             cache.k[li, write_slots] = k.to(cache.k.dtype)
             cache.v[li, write_slots] = v.to(cache.v.dtype)
-
-            attn = torch.empty(n, hq, d, dtype=dtype, device=dev)
-            for start in range(0, n, chunk):
-                end = min(start + chunk, n)
-                slots = visible[start:end]  # [c, V]
-                keys = cache.k[li][slots].transpose(1, 2).to(dtype)  # [c, hkv, V, d]
-                values = cache.v[li][slots].transpose(1, 2).to(dtype)
-                out = F.scaled_dot_product_attention(q[start:end, :, None, :], keys, values,
-                                                     attn_mask=attn_mask[start:end], scale=scale,
-                                                     enable_gqa=True)  # [c, hq, 1, d]
-                attn[start:end] = out[:, :, 0, :]
+            attn = attend(q, cache.k[li], cache.v[li])  # [n, hq, d]
             x = x + attn.reshape(n, hq * d) @ layer["self_attn.o_proj.weight"].T
 
             h = rms_norm(x, layer["post_attention_layernorm.weight"], spec.rms_norm_eps)
@@ -156,3 +143,33 @@ def forward(weights: Qwen3Weights, cache: KVCache, tokens: Tensor, positions: Te
 
         x = rms_norm(x, weights.tensors[FINAL_NORM], spec.rms_norm_eps)
         return (x @ weights.lm_head.T).float()
+
+
+def attention_fn(attention: str, visible: Tensor, visible_len: Tensor, scale: float):
+    """attend(q [n, hq, d], keys, values [num_slots, hkv, d]) -> [n, hq, d] over each row's slots;
+    what depends only on the slot lists is prepared once per forward, not once per layer."""
+    if attention == "triton":
+        from ..kernels import triton_sources  # triton is imported only when chosen
+        kernel = triton_sources.load("npr_decode_attention")
+        lengths = visible_len.to(torch.int32)  # the kernel's type, converted once for all layers
+        return lambda q, keys, values: kernel.decode_attention(q, keys, values, visible, lengths, scale=scale)
+    if attention != "sdpa":
+        raise ValueError(f"attention must be one of {ATTENTION}, got {attention!r}")
+    n, num_visible = visible.shape
+    valid = torch.arange(num_visible, device=visible.device)[None, :] < visible_len[:, None]  # [n, V]
+    visible = torch.where(valid, visible, 0)  # padding may hold any value; make it a safe index
+    attn_mask = valid[:, None, None, :]  # [n, 1, 1, V]: broadcast over heads and the single query
+
+    def attend(q: Tensor, keys: Tensor, values: Tensor) -> Tensor:
+        chunk = max(1, GATHER_BUDGET // (2 * max(num_visible, 1) * keys.shape[1] * keys.shape[2]))
+        out = torch.empty_like(q)
+        for start in range(0, n, chunk):
+            end = min(start + chunk, n)
+            slots = visible[start:end]  # [c, V]
+            gathered_k = keys[slots].transpose(1, 2).to(q.dtype)  # [c, hkv, V, d]
+            gathered_v = values[slots].transpose(1, 2).to(q.dtype)
+            out[start:end] = F.scaled_dot_product_attention(q[start:end, :, None, :], gathered_k, gathered_v,
+                                                            attn_mask=attn_mask[start:end], scale=scale,
+                                                            enable_gqa=True)[:, :, 0, :]  # [c, hq, d]
+        return out
+    return attend
