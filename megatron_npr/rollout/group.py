@@ -56,6 +56,12 @@ def recv_message(src: int, group, timeout_s: float):
     return pickle.loads(payload.numpy().tobytes())
 
 
+def _ensure_default_group() -> None:
+    """The group helper needs a default group; in a process without one, a size-1 one will do."""
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+
+
 def contiguous_shares(count: int, parts: int) -> list[range]:
     """`count` items in `parts` contiguous, near-equal ranges (in order)."""
     return [range(k * count // parts, (k + 1) * count // parts) for k in range(parts)]
@@ -79,8 +85,7 @@ class EngineGroup:
         """Rank 0's side: start (or wait for) `engines` engine ranks, build both groups."""
         from ..distributed import free_port
 
-        if not dist.is_initialized():  # the group helper needs a default group; a size-1 one will do
-            dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        _ensure_default_group()
         port = port or free_port()
         processes = []
         if launch == "spawn":
@@ -258,8 +263,7 @@ class TorchEngineMember:
 def serve_engine(make_engine, host: str, port: int, rank: int, world: int, timeout_s: float = 600.0) -> None:
     """An engine rank: build the engine, join rank 0's control group at host:port as `rank`, and
     answer requests until told to stop (or until rank 0 is gone)."""
-    if not dist.is_initialized():  # the group helper needs a default group; a size-1 one will do
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    _ensure_default_group()
     engine = make_engine()
     member = engine if hasattr(engine, "receive_weights") else TorchEngineMember(engine)
     control = init_weight_group(host, port, world, rank, f"npr_control_{port}", "gloo", timeout_s)
