@@ -88,7 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--solutions", action="store_true", help="add canonical NPR-format solutions")
     d.set_defaults(func=cmd_data_synth)
     from .cli_train import add_commands
+    from .launch.launcher import add_launch_commands
+    from .launch.plan_cli import add_plan_command
     add_commands(sub)
+    add_launch_commands(sub)
+    add_plan_command(sub)
     return parser
 
 
@@ -106,8 +110,21 @@ def quiet_expected_cpu_warnings() -> None:
                                 module=r"megatron\.")
 
 
+def take_trailing_overrides(parser, args, extra: list[str]) -> None:
+    """argparse stops taking positionals at the first option, so `key=value` overrides written
+    after one (`npr plan CFG --nodes 8 rl.steps=3`) arrive in `extra`; anything else is an error."""
+    target = next((n for n in ("overrides", "args") if isinstance(getattr(args, n, None), list)), None)
+    bad = [a for a in extra if target is None or "=" not in a or a.startswith("-")]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    if extra:
+        getattr(args, target).extend(extra)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    take_trailing_overrides(parser, args, extra)
     quiet_expected_cpu_warnings()
     return args.func(args)
 

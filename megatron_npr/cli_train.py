@@ -20,6 +20,7 @@ def _run(args, cls, body) -> int:
     """Load the config, run `body(cfg)`; bad configs and bad inputs exit 2 with one clear line."""
     from .config import ConfigError
     from .data.problems import ProblemFormatError
+    from .distributed import RendezvousError
     from .io import OutputError
 
     try:
@@ -28,8 +29,17 @@ def _run(args, cls, body) -> int:
         return _fail(str(e), 2)
     try:
         return body(cfg)
+    except RendezvousError as e:  # an unreachable master: the address, not a hang or a traceback
+        return _fail(str(e), 1)
     except (FileNotFoundError, OutputError, ProblemFormatError, ValueError) as e:  # bad inputs: one line
         return _fail(str(e), 2)
+
+
+def _exit_code(summary: dict) -> int:
+    """0, or for a run stopped at a checkpoint on a signal (run it again to resume) PREEMPTED_EXIT,
+    or under `npr launch` 0 and the launcher's marker file (srun would take 75 for a failed rank)."""
+    from .training.preemption import preempted_exit
+    return preempted_exit(summary) if summary.get("preempted") else 0
 
 
 def cmd_sft(args) -> int:
@@ -41,7 +51,7 @@ def cmd_sft(args) -> int:
             cfg.train.export_hf = args.export_hf
         summary = run_sft(cfg, progress=not args.quiet)
         print(json.dumps(summary, indent=2))
-        return 0
+        return _exit_code(summary)
     return _run(args, SFTConfig, body)
 
 
@@ -50,8 +60,9 @@ def cmd_rl(args) -> int:
     from .rl.loop import run_rl
 
     def body(cfg):
-        print(json.dumps(run_rl(cfg, progress=not args.quiet), indent=2))
-        return 0
+        summary = run_rl(cfg, progress=not args.quiet)
+        print(json.dumps(summary, indent=2))
+        return _exit_code(summary)
     return _run(args, RLConfig, body)
 
 

@@ -99,8 +99,12 @@ def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234) -> None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        if "RANK" in os.environ:  # torchrun / srun
-            dist.init_process_group(backend)
+        if "TORCHELASTIC_RUN_ID" in os.environ:  # torchrun: its agent made the rendezvous store
+            dist.init_process_group(backend, timeout=collective_timeout())
+        elif "RANK" in os.environ:  # srun tasks (`npr launch`), or any launcher that sets the env://
+            rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+            dist.init_process_group(backend, store=rendezvous_store(rank, world), rank=rank, world_size=world,
+                                    timeout=collective_timeout())
         else:  # a world of one, rendezvous passed directly: child processes inherit no RANK/MASTER_PORT
             dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     world = dist.get_world_size()
@@ -109,6 +113,47 @@ def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234) -> None:
     ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def _seconds(key: str, default: float) -> float:
+    value = os.environ.get(key, "")
+    try:
+        seconds = float(value) if value.strip() else default
+    except ValueError:
+        raise ValueError(f"{key}={value!r} is not a number of seconds") from None
+    if seconds <= 0:
+        raise ValueError(f"{key}={value!r} must be > 0")
+    return seconds
+
+
+def collective_timeout():
+    """NPR_COLLECTIVE_TIMEOUT_S (default 7200 s): how long a collective may wait. Long because RL
+    ranks wait in a broadcast while rank 0 generates a whole batch of rollouts."""
+    from datetime import timedelta
+    return timedelta(seconds=_seconds("NPR_COLLECTIVE_TIMEOUT_S", 7200.0))
+
+
+def rendezvous_store(rank: int, world: int):
+    """The env:// rendezvous (MASTER_ADDR:MASTER_PORT, rank 0 serves it), bounded by
+    NPR_RENDEZVOUS_TIMEOUT_S (default 600 s): a rank that cannot reach the master, or a master that
+    does not see every rank, raises RendezvousError naming this host, the address and the ranks."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    if not addr or not port.isdigit():
+        raise RendezvousError(f"rank {rank}: MASTER_ADDR={addr!r} and MASTER_PORT={port!r} must name the "
+                              "master's host and port (set by `npr launch`, torchrun or your launcher)")
+    timeout_s = _seconds("NPR_RENDEZVOUS_TIMEOUT_S", 600.0)
+    try:
+        return dist.TCPStore(addr, int(port), world, is_master=rank == 0, timeout=timedelta(seconds=timeout_s),
+                             wait_for_workers=True)
+    except Exception as e:  # noqa: BLE001 - re-raised with the address
+        what = (f"rank 0 serves the rendezvous at {addr}:{port} but not all {world} ranks arrived"
+                if rank == 0 else f"rank {rank} could not reach the master {addr}:{port}")
+        raise RendezvousError(f"{what} within {timeout_s:.0f} s (this host: {socket.gethostname()}; "
+                              f"NPR_RENDEZVOUS_TIMEOUT_S sets the limit): {str(e).splitlines()[0]}") from e
 
 
 def destroy_distributed() -> None:

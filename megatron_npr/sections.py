@@ -1,7 +1,7 @@
 """Config sections shared by every stage, declared once (YAML keys map onto these dataclasses).
 
     model:    {hf_dir, tokenizer, dtype, attention_backend}      the Megatron model a stage trains
-    parallel: {tp, pp}                                          dp = world size / (tp * pp)
+    parallel: {tp, pp, recompute}                               dp = world size / (tp * pp)
     optim:    {lr, min_lr, warmup_steps, schedule, weight_decay, clip_grad, beta1, beta2, eps}
     engine:   {hf_dir, tokenizer, dtype, kv_slots, device,      the rollout engine a stage samples from
                decode_attention}
@@ -49,14 +49,22 @@ class ModelSection:
         return load_vocab(self.hf_dir, self.tokenizer)
 
 
+RECOMPUTE = ("none", "full")
+
+
 @dataclass
 class ParallelSection:
     tp: int = 1
     pp: int = 1
+    # "full": keep only each layer's input and recompute the layer in backward (Megatron's full,
+    # uniform, one layer per chunk): activation memory of one layer instead of all, ~1/3 more compute
+    recompute: Literal["none", "full"] = "none"
 
     def __post_init__(self):
         if self.tp < 1 or self.pp < 1:
             raise ValueError(f"tp and pp must be >= 1, got tp={self.tp} pp={self.pp}")
+        if self.recompute not in RECOMPUTE:
+            raise ValueError(f"parallel.recompute must be one of {list(RECOMPUTE)}, got {self.recompute!r}")
 
 
 @dataclass

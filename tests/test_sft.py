@@ -112,8 +112,9 @@ def run_sft(cfg: dict, tmp: Path, *overrides: str, nproc: int = 1, crash: str | 
     path.write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     env.pop("NPR_TEST_CRASH", None)
+    env.pop("NPR_TEST_SIGNAL", None)
     if crash:
-        env["NPR_TEST_CRASH"] = crash
+        env["NPR_TEST_SIGNAL" if crash.startswith("signal ") else "NPR_TEST_CRASH"] = crash.removeprefix("signal ")
     launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
                 f"--master_port={free_port()}"] if nproc > 1 else [sys.executable]
     entry = [str(NO_SPAWN_CLI)] if no_spawn else ["-m", "megatron_npr.cli"]
@@ -180,16 +181,20 @@ def test_sft_writes_checkpoints_metrics_and_plot(reference_run):
     assert 0 < base[0]["packing_efficiency"] <= 1 and base[0]["lr"] > 0
 
 
-@pytest.mark.parametrize("crash", ["after_step:3", "during_save:4"])
-def test_killed_run_resumes_to_the_same_curve(tiny, tmp_path, reference_run, crash):
-    """Killed after step 3 (last checkpoint: step 2) or in the middle of writing step 4's
-    checkpoint: the resumed run's curve equals the uninterrupted one."""
+def test_a_stopped_run_and_a_kill_during_a_save_resume_to_the_same_curve(tiny, tmp_path, reference_run):
+    """SIGUSR1 after step 3 (no save due), and again while step 3's checkpoint is written: the run
+    saves step 3 and exits 75 (PREEMPTED_EXIT). The rerun is killed (os._exit) in the middle of
+    writing step 4's checkpoint: `latest` still names step 3, the half-written folder is left. The
+    third run removes it, resumes from step 3 and follows the uninterrupted curve."""
     base, _ = reference_run
     cfg = _config(tiny, tmp_path / "run")
-    run_sft(cfg, tmp_path, crash=crash, expect=17)
     ckpts = tmp_path / "run" / "checkpoints"
-    assert (ckpts / "latest").read_text().strip() == "step_00000002"
-    assert bool(list(ckpts.glob(".step_*"))) == crash.startswith("during")  # the half-written save
+    stopped = run_sft(cfg, tmp_path, crash="signal after_step:3,during_save:3", expect=75)
+    assert [r["step"] for r in stopped] == [1, 2, 3]
+    assert (ckpts / "latest").read_text().strip() == "step_00000003"
+    killed = run_sft(cfg, tmp_path, crash="during_save:4", expect=17)
+    assert [r["step"] for r in killed] == [1, 2, 3, 4]
+    assert (ckpts / "latest").read_text().strip() == "step_00000003" and list(ckpts.glob(".step_*"))
     resumed = run_sft(cfg, tmp_path)
     assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5]
     assert not list(ckpts.glob(".step_*"))

@@ -27,12 +27,15 @@ class NPRModelConfig(TransformerConfig):
 
 
 def transformer_config_from_hf(hf_config: Any, *, tp: int = 1, pp: int = 1, dtype: torch.dtype = torch.bfloat16,
-                               attention_backend: str = "sdpa") -> NPRModelConfig:
-    """Config of a Qwen3 dense model (dict, transformers config, or a folder / config.json)."""
+                               attention_backend: str = "sdpa", recompute: str = "none") -> NPRModelConfig:
+    """Config of a Qwen3 dense model (dict, transformers config, or a folder / config.json).
+    `recompute="full"`: activation checkpointing of every layer (only its input is kept)."""
     cfg = read_hf_config(hf_config)
     spec = Qwen3Spec.from_hf_config(cfg)
     if attention_backend not in ATTENTION_BACKENDS:
         raise ModelConfigError(f"attention backend {attention_backend!r}; choose one of {ATTENTION_BACKENDS}")
+    if recompute not in ("none", "full"):
+        raise ModelConfigError(f"parallel.recompute={recompute!r}; choose one of ['none', 'full']")
     checks = [("num_attention_heads", spec.num_heads, tp, "tp"),
               ("num_key_value_heads", spec.num_kv_heads, tp, "tp"),
               ("intermediate_size", spec.intermediate_size, tp, "tp"), ("vocab_size", spec.vocab_size, tp, "tp"),
@@ -57,5 +60,13 @@ def transformer_config_from_hf(hf_config: Any, *, tp: int = 1, pp: int = 1, dtyp
         init_method_std=float(cfg.get("initializer_range", 0.02)),
         vocab_size=spec.vocab_size, rotary_base=spec.rope_theta, tie_word_embeddings=spec.tie_word_embeddings,
         max_position_embeddings=int(cfg.get("max_position_embeddings", 40960)),
-        attention_backend_name=attention_backend,
+        attention_backend_name=attention_backend, **_recompute_settings(recompute),
     )
+
+
+def _recompute_settings(recompute: str) -> dict:
+    """Megatron's knobs for `parallel.recompute`: "full" checkpoints each layer by itself (uniform
+    chunks of one layer), so backward holds one layer's activations at a time."""
+    if recompute == "none":
+        return {}
+    return dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)

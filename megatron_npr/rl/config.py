@@ -42,6 +42,11 @@ class RLEngineSection:
                              self.decode_attention)
 
 
+def _is_function_name(text: str) -> bool:
+    module, _, name = text.partition(":")
+    return all(part.isidentifier() for part in module.split(".")) and name.isidentifier()
+
+
 @dataclass
 class RolloutSection:
     """Where the rollout engines run and how weights reach them (`rl.rollouts.build_backend`)."""
@@ -58,11 +63,15 @@ class RolloutSection:
     generate_timeout_s: float = 3600.0  # the same for a rollout batch
     join: Literal["causal", "exact"] = "causal"  # sglang: how a takeaway sees its branches
     tp: int = 1  # sglang: tensor-parallel size of each engine
+    mem_fraction: float | None = None  # sglang: mem_fraction_static, its share of each GPU (None: SGLang's)
+    engine_factory: str | None = None  # "module:function" building each engine from the RLConfig (custom engines)
 
     def __post_init__(self):
         checks = {"engines": self.engines >= 1, "port": 0 <= self.port < 65536, "bucket_mb": self.bucket_mb >= 1,
                   "timeout_s": self.timeout_s > 0, "generate_timeout_s": self.generate_timeout_s > 0,
                   "tp": self.tp >= 1}
+        checks["mem_fraction"] = self.mem_fraction is None or 0 < self.mem_fraction < 1
+        checks["engine_factory"] = self.engine_factory is None or _is_function_name(self.engine_factory)
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
             raise ValueError(f"invalid {', '.join(f'rollout.{k}={getattr(self, k)!r}' for k in bad)}")

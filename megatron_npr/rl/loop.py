@@ -21,7 +21,8 @@ from ..data.problems import Problem
 from ..data.tokenizer import NPRVocab
 from ..io import output_taken, write_json_atomic
 from ..seeding import problem_seed, stream_seed
-from ..training.checkpointing import crash_point
+from ..training.checkpointing import crash_point, latest_step, step_dir_name
+from ..training.preemption import StopRequest
 from ..training.run_log import MetricsLogger, plot_curves, read_history
 from ..training.trainer import MegatronTrainer, init_parallel
 from .algorithms import ALGORITHMS, Algorithm
@@ -40,28 +41,31 @@ def run_rl(cfg: RLConfig, progress: bool = True, *, engine=None, grader=None, vo
     """The whole `npr rl` run, resumed from the newest checkpoint if there is one. `engine` /
     `grader` replace the configured ones (used on global rank 0 only), `vocab` the model's;
     `engine_factory` (picklable) builds each engine instead of the configured one (any placement)."""
-    run = RLRun.start(cfg, engine, grader, vocab, progress, engine_factory)
     algo, rl = ALGORITHMS[cfg.rl.algorithm], cfg.rl
-    while run.step < rl.steps:
-        step, clock = run.step + 1, PhaseClock()
-        crash_point("generate", step)
-        drawn, rounds = collect(run, algo, step, clock)          # prompts -> generate -> rewards -> select
-        train = [d for d in drawn if d.trained]
-        set_advantages(algo, train)                              # group-relative, with the algorithm's std
-        run.rollouts.release_memory()                            # a colocated engine lends its memory
-        update = {}
-        if train:                                                # else nothing to learn from: step skipped
-            crash_point("train", step)
-            with clock("train"):
-                update = train_step(run, algo, train)            # samples -> microbatches -> update(s)
-            crash_point("sync", step)
-            with clock("sync"):
-                update |= run.rollouts.sync(run.trainer, run.rollouts.version + 1)  # weights -> engine
-        run.step = step
-        run.log(step_metrics(step, drawn, rounds, update, clock, run.vocab, cfg), drawn)
-        if step == rl.steps or (rl.save_every and step % rl.save_every == 0):
-            crash_point("save", step)
-            run.save()
+    with StopRequest.installed() as stop:  # a preemption signal: checkpoint at the end of the step, exit
+        run = RLRun.start(cfg, engine, grader, vocab, progress, engine_factory)
+        while run.step < rl.steps:
+            step, clock = run.step + 1, PhaseClock()
+            crash_point("generate", step)
+            drawn, rounds = collect(run, algo, step, clock)          # prompts -> generate -> rewards -> select
+            train = [d for d in drawn if d.trained]
+            set_advantages(algo, train)                              # group-relative, with the algorithm's std
+            run.rollouts.release_memory()                            # a colocated engine lends its memory
+            update = {}
+            if train:                                                # else nothing to learn from: step skipped
+                crash_point("train", step)
+                with clock("train"):
+                    update = train_step(run, algo, train)            # samples -> microbatches -> update(s)
+                crash_point("sync", step)
+                with clock("sync"):
+                    update |= run.rollouts.sync(run.trainer, run.rollouts.version + 1)  # weights -> engine
+            run.step = step
+            run.log(step_metrics(step, drawn, rounds, update, clock, run.vocab, cfg), drawn)
+            if step == rl.steps or (rl.save_every and step % rl.save_every == 0):
+                crash_point("save", step)
+                run.save()
+            if step < rl.steps and stop.agreed():                    # every rank stops at this step
+                return run.stop_early()
     return run.finish()
 
 
@@ -142,6 +146,18 @@ class RLRun:
         state = {"step": self.step, "prompts": self.stream.state_dict(), "weight_version": self.rollouts.version,
                  "config": config_to_dict(self.cfg)}  # torch's RNG state is saved by every checkpoint
         return self.trainer.save(self.step, state, tokenizer=self.vocab.tokenizer)
+
+    def stop_early(self) -> dict:
+        """A stop on request (preemption): checkpoint this step unless it was just saved, close the
+        engines; the summary says where a restart resumes."""
+        if latest_step(self.trainer.checkpoint_dir) != self.step:
+            crash_point("save", self.step)
+            self.save()
+        self.bar.close()
+        self.logger.close()
+        self.rollouts.close()
+        return {"preempted": True, "step": self.step, "steps": self.cfg.rl.steps,
+                "checkpoint": str(self.trainer.checkpoint_dir / step_dir_name(self.step))}
 
     def finish(self) -> dict:
         self.bar.close()

@@ -87,10 +87,25 @@ def engine_factory_of(cfg, engine=None, factory=None):
         return lambda: engine
     if factory is not None:
         return factory
+    if cfg.rollout.engine_factory:
+        return functools.partial(_named_factory, cfg.rollout.engine_factory, cfg)
     if cfg.rollout.backend == "sglang":
         from ..rollout.sglang_backend import SGLangBackend
-        return functools.partial(SGLangBackend.from_config, cfg.engine.section(cfg.model), cfg.rollout)
+        share = {"mem_fraction": cfg.rollout.mem_fraction} if cfg.rollout.mem_fraction else {}
+        return functools.partial(SGLangBackend.from_config, cfg.engine.section(cfg.model), cfg.rollout, **share)
     return cfg.engine.section(cfg.model).build
+
+
+def _named_factory(name: str, cfg) -> RolloutBackend:
+    """`rollout.engine_factory: "module:function"`: function(cfg) builds the engine (picklable by name)."""
+    import importlib
+
+    module, _, function = name.partition(":")
+    try:
+        make = getattr(importlib.import_module(module), function)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"rollout.engine_factory={name!r}: {e}") from e
+    return make(cfg)
 
 
 class RolloutManager:

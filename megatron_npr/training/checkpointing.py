@@ -42,9 +42,13 @@ def _barrier() -> None:
 
 
 def crash_point(point: str, step: int) -> None:
-    """Tests kill a run at a chosen point with NPR_TEST_CRASH=point:step (exit without cleanup)."""
+    """Tests kill a run at a chosen point with NPR_TEST_CRASH=point:step (exit without cleanup),
+    or send it the preemption signal with NPR_TEST_SIGNAL=point:step[,point:step...]."""
     if os.environ.get("NPR_TEST_CRASH") == f"{point}:{step}":
         os._exit(17)
+    if f"{point}:{step}" in os.environ.get("NPR_TEST_SIGNAL", "").split(","):
+        import signal
+        os.kill(os.getpid(), signal.SIGUSR1)
 
 
 def latest_checkpoint(root: str | Path) -> Path | None:
@@ -59,6 +63,12 @@ def latest_checkpoint(root: str | Path) -> Path | None:
         raise RuntimeError(f"{pointer} names {name!r}, which is not a complete checkpoint; remove {pointer} "
                            "to start over, or point it at an existing step_* folder")
     return path
+
+
+def latest_step(root: str | Path) -> int | None:
+    """The step of the newest complete checkpoint under `root`, or None."""
+    path = latest_checkpoint(root)
+    return int(_STEP_DIR.match(path.name).group(1)) if path else None
 
 
 def clean_partial_checkpoints(root: str | Path) -> None:

@@ -20,8 +20,9 @@ import torch.distributed as dist
 from ..config import config_to_dict
 from ..data.tokenizer import NPRVocab
 from ..io import write_json_atomic
-from .checkpointing import crash_point
+from .checkpointing import crash_point, step_dir_name
 from .loader import PackedLoader, Step
+from .preemption import StopRequest
 from .run_log import MetricsLogger, plot_curves, read_history
 from .sft_config import SFTConfig
 from .trainer import MegatronTrainer, init_parallel
@@ -88,16 +89,23 @@ def run_sft(cfg: SFTConfig, progress: bool = True) -> dict:
     logger = MetricsLogger(out_dir, read_history(out_dir, step), enabled=_is_logger())
     bar = tqdm(total=total, initial=step, desc="sft", unit="step", disable=not (progress and _is_logger()),
                dynamic_ncols=True)
-    while step < total:
-        metrics = train_step(trainer, loader.next_step())
-        step = metrics["step"]
-        logger.log(metrics)
-        bar.update(1)
-        bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
-                        tok_s=f"{metrics['tokens_per_s']:.0f}", pack=f"{metrics['packing_efficiency']:.1%}")
-        crash_point("after_step", step)
-        if cfg.train.save_every and step % cfg.train.save_every == 0 and step < total:
-            save(step)
+    with StopRequest.installed() as stop:  # a preemption signal: checkpoint at the end of the step, exit
+        while step < total:
+            metrics = train_step(trainer, loader.next_step())
+            step = metrics["step"]
+            logger.log(metrics)
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
+                            tok_s=f"{metrics['tokens_per_s']:.0f}", pack=f"{metrics['packing_efficiency']:.1%}")
+            crash_point("after_step", step)
+            due = cfg.train.save_every and step % cfg.train.save_every == 0
+            if due and step < total:
+                save(step)
+            if step < total and stop.agreed():  # every rank stops at this step
+                path = trainer.checkpoint_dir / step_dir_name(step) if due else save(step)
+                bar.close()
+                logger.close()
+                return {"preempted": True, "step": step, "steps": total, "checkpoint": str(path)}
     bar.close()
     final = save(step)
     logger.close()

@@ -85,7 +85,7 @@ def _build_model(model: ModelSection, parallel: ParallelSection, hf_config: dict
     from ..models import build_model, transformer_config_from_hf
 
     config = transformer_config_from_hf(hf_config, tp=parallel.tp, pp=parallel.pp, dtype=dtype,
-                                        attention_backend=model.attention_backend)
+                                        attention_backend=model.attention_backend, recompute=parallel.recompute)
     config.calculate_per_token_loss = True  # token-mean over the global batch, see module docstring
     gpt = build_model(config)
     with open_hf_weights(model.hf_dir) as weights:

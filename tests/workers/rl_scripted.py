@@ -110,6 +110,12 @@ class DiesAt(ScriptedSamples):
         return super().generate(prompts, params, seeds=seeds)
 
 
+def scripted_engine_of(cfg) -> ScriptedSamples:
+    """`rollout.engine_factory: rl_scripted:scripted_engine_of` (with tests/workers on PYTHONPATH):
+    the scripted engine wherever the config's engines run, e.g. in `npr launch`'s engine step."""
+    return scripted_engine(cfg, cfg.model.vocab())
+
+
 def scripted_engine_from_config(config_path: str, overrides: tuple = (), skip_sync=None,
                                 die_at: int | None = None) -> ScriptedSamples:
     """The scripted engine of a config file: what a spawned engine rank builds (picklable as a
