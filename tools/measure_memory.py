@@ -1,4 +1,4 @@
-"""Peak memory and throughput of `MegatronTrainer.step` on CPU ranks, next to `npr plan`'s estimate.
+"""Peak memory and throughput of `MegatronTrainer.step` on CPU ranks (or a GPU), next to `npr plan`'s estimate.
 
     python tools/measure_memory.py --hf-dir DIR [key=value ...] [--steps 3] [--microbatches 1]
     torchrun --nproc_per_node 2 tools/measure_memory.py --hf-dir DIR parallel.tp=2
@@ -15,6 +15,9 @@ states, activations, batches and temporaries, which is what the estimate counts 
 excludes the fixed process overhead, which is in the baseline). glibc's malloc would keep freed
 heap memory resident, so the worker runs with MALLOC_MMAP_THRESHOLD_=131072 (re-executing itself
 to set it): every tensor above 128 KiB is its own mapping and leaves the RSS when freed.
+On a GPU the measurement is the caching allocator's peak of allocated bytes after the build
+(`torch.cuda.max_memory_allocated`, reset after the build), against the estimate for an H100/H200
+in the run's dtype (bf16 for `auto`); unvalidated until the first GPU run (tools/gpu_check.sh).
 """
 from __future__ import annotations
 
@@ -93,6 +96,22 @@ def _batches(cfg, vocab: int, microbatches: int, seed: int):
     return out
 
 
+def _gpu_kind() -> str | None:
+    """The estimate's GPU for this device: None on a CPU (then VmRSS / VmHWM are measured)."""
+    import torch
+    if not torch.cuda.is_available():
+        return None
+    return "h200" if "H200" in torch.cuda.get_device_name() else "h100"
+
+
+def _used_kib(gpu: str | None, peak: bool = False) -> float:
+    """On a GPU the caching allocator's live (or peak) bytes: tensors only, as the estimate counts."""
+    import torch
+    if gpu is None:
+        return _status_kib("VmHWM" if peak else "VmRSS")
+    return (torch.cuda.max_memory_allocated() if peak else torch.cuda.memory_allocated()) / 1024
+
+
 def measure(args) -> dict:
     import gc
 
@@ -109,23 +128,29 @@ def measure(args) -> dict:
     batches = _batches(cfg, hf["vocab_size"], args.microbatches, seed=ps.get_data_parallel_rank())
     gc.collect()
     dist.barrier()
-    baseline = _status_kib("VmRSS")
+    gpu = _gpu_kind()
+    baseline = _used_kib(gpu)
     trainer = MegatronTrainer.build(cfg.model, cfg.parallel, cfg.optim, total_steps=args.steps, seed=1,
                                     checkpoint_dir=args.ckpt_dir)
     gc.collect()
-    _reset_peak()
+    if gpu is None:
+        _reset_peak()
+    else:  # the build's own transients are not the steady state the estimate describes
+        import torch
+        torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(args.steps):
         started = time.perf_counter()
         trainer.step(batches)
         times.append(time.perf_counter() - started)
-    peak = _status_kib("VmHWM")
+    peak = _used_kib(gpu, peak=True)
     world, stage = dist.get_world_size(), ps.get_pipeline_model_parallel_rank()
     global_rows = args.microbatches * cfg.train.micro_rows * ps.get_data_parallel_world_size()
-    est = estimate(_estimate_config(cfg, global_rows), 1, world, gpu="cpu", model_config=hf, stage=stage)
+    est = estimate(_estimate_config(cfg, global_rows), 1, world, gpu=gpu or "cpu", model_config=hf, stage=stage)
     tokens = global_rows * cfg.data.max_tokens
     steady = times[1:] or times
-    return {"rank": dist.get_rank(), "world": world, "tp": cfg.parallel.tp, "pp": cfg.parallel.pp,
+    return {"rank": dist.get_rank(), "device": gpu or "cpu", "world": world, "tp": cfg.parallel.tp,
+            "pp": cfg.parallel.pp,
             "dp": ps.get_data_parallel_world_size(), "stage": stage, "max_tokens": cfg.data.max_tokens,
             "micro_rows": cfg.train.micro_rows, "microbatches": args.microbatches,
             "recompute": cfg.parallel.recompute, "backend": cfg.model.attention_backend,
