@@ -115,10 +115,13 @@ def test_unavailable_backends_fail_clearly(megatron, monkeypatch):
         build_model(cfg, attention_backend="fa3")
 
 
-def test_full_recompute_gives_the_same_loss_and_gradients(megatron):
+@pytest.mark.parametrize("backend", ["sdpa", "triton"])
+def test_full_recompute_gives_the_same_loss_and_gradients(megatron, backend):
     """parallel.recompute=full (Megatron's full/uniform checkpointing, one layer per chunk) changes
     what backward keeps, not what it computes: loss and every gradient agree with no recompute.
-    Negative control: the recompute flag really reaches the decoder (its checkpointed forward runs)."""
+    Negative control: the recompute flag really reaches the decoder (its checkpointed forward runs).
+    With triton (as with flex) the layout crosses Megatron's checkpoint as a tensor: save_for_backward
+    refused the layout object, which the first GPU run found."""
     from unittest import mock
 
     from megatron.core.transformer.transformer_block import TransformerBlock
@@ -128,7 +131,7 @@ def test_full_recompute_gives_the_same_loss_and_gradients(megatron):
     _, valid = batch.targets()
     results = {}
     for recompute in ("none", "full"):
-        model = megatron_from_hf(hf, recompute=recompute).train()
+        model = megatron_from_hf(hf, recompute=recompute, attention_backend=backend).train()
         assert model.config.recompute_granularity == (None if recompute == "none" else "full")
         with mock.patch.object(TransformerBlock, "_checkpointed_forward", autospec=True,
                                side_effect=TransformerBlock._checkpointed_forward) as checkpointed:
@@ -151,3 +154,18 @@ def test_recompute_knob_is_validated():
         load_config(SFTConfig, None, [*base, "parallel.recompute=selective"])
     with pytest.raises(ModelConfigError, match="parallel.recompute='some'"):
         transformer_config_from_hf(tiny_hf_model().config, recompute="some")
+
+
+def test_a_packed_layout_is_unpacked_once_per_batch():
+    """`unpack_layout` gives the same prepared object for the packed tensor and for a detached copy
+    of it (what recomputation hands the layer), a different one for another batch, and the same
+    arrays as the batch's."""
+    from megatron_npr.models.attention import attention_inputs, unpack_layout
+
+    batch, other = npr_batch(), npr_batch(seed=2)
+    packed = attention_inputs(batch, "triton")
+    layout = unpack_layout(packed, "triton")
+    assert unpack_layout(packed.detach(), "triton") is layout
+    assert unpack_layout(attention_inputs(other, "triton"), "triton") is not layout
+    for name in ("doc_start", "hole_lo", "hole_hi"):
+        assert torch.equal(getattr(layout, name), getattr(batch, name))

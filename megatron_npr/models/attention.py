@@ -10,11 +10,18 @@ that object is depends on the backend; `attention_inputs` builds it from the bat
   path. Forward only on CPU (torch has no CPU backward for it).
 - `triton`: the project's fused Triton kernels (kernels/npr_flash_attention.py) over the compact
   AttentionLayout on the compute device; forward and backward, on CPU in Triton's interpreter.
+
+For flex and triton the object is one int64 tensor [b, 1 + 2D, s] (doc_start, hole_lo, hole_hi
+stacked), not the layout object: Megatron's activation recomputation saves the layer inputs with
+`save_for_backward`, which takes tensors only. Each layer turns it back into the layout (and the
+flex block mask) through a small cache keyed by the tensor's storage, so the block mask is still
+built once per batch, also when the recomputed backward hands the layer a detached copy.
 - `te`: Transformer Engine with an arbitrary mask (an unfused baseline; needs TE and CUDA).
 """
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
@@ -48,7 +55,7 @@ class NPRCoreAttention(MegatronModule):
                 raise NotImplementedError("FlexAttention has no backward on CPU: train with 'sdpa' on CPU "
                                           "(flex forward works, e.g. under torch.no_grad())")
             q, k, v = (t.transpose(0, 1) for t in (query, key, value))  # [b, s, heads, d]
-            out = npr_attention(q, k, v, attention_mask, self.backend, scale=self.scale)
+            out = npr_attention(q, k, v, unpack_layout(attention_mask, self.backend), self.backend, scale=self.scale)
             b, s, h, d = out.shape
             return out.transpose(0, 1).reshape(s, b, h * d)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, d]
@@ -91,11 +98,34 @@ def attention_inputs(batch, backend: str):
     """The `attention_mask` object GPTModel.forward passes to every layer for this batch."""
     if backend in ("sdpa", "te"):
         return ~batch.dense_mask().unsqueeze(1)  # [b, 1, s, s], True = masked
-    if backend in ("flex", "triton"):  # built once per batch on the compute device, shared by all layers
+    if backend in ("flex", "triton"):  # the compact arrays as one tensor on the compute device (module doc)
         device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
-        layout = AttentionLayout(batch.doc_start.to(device), batch.hole_lo.to(device), batch.hole_hi.to(device))
-        return prepare_flex(layout) if backend == "flex" else layout  # flex: its block mask
+        return torch.cat([batch.doc_start.unsqueeze(1), batch.hole_lo, batch.hole_hi], dim=1).to(device)
     raise ValueError(f"attention backend {backend!r}; choose one of {ATTENTION_BACKENDS}")
+
+
+_UNPACKED: OrderedDict = OrderedDict()  # (storage, offset, shape, backend) -> (packed tensor, layout or FlexInputs)
+_UNPACKED_MAX = 8  # batches in flight at once (pipeline microbatches awaiting backward)
+
+
+def unpack_layout(packed, backend: str):
+    """`attention_inputs`' tensor -> the AttentionLayout (triton) or FlexInputs (flex) that
+    npr_attention takes, cached per batch. The cache holds the packed tensor itself, so its
+    storage stays alive and cannot be reused by another batch under the same key."""
+    if not isinstance(packed, torch.Tensor):  # an AttentionLayout / FlexInputs given directly
+        return packed
+    key = (packed.untyped_storage().data_ptr(), packed.storage_offset(), tuple(packed.shape), backend)
+    if key in _UNPACKED:
+        _UNPACKED.move_to_end(key)
+        return _UNPACKED[key][1]
+    depth = (packed.shape[1] - 1) // 2
+    layout = AttentionLayout(packed[:, 0].contiguous(), packed[:, 1:1 + depth].contiguous(),
+                             packed[:, 1 + depth:].contiguous())
+    unpacked = prepare_flex(layout) if backend == "flex" else layout
+    _UNPACKED[key] = (packed, unpacked)
+    while len(_UNPACKED) > _UNPACKED_MAX:
+        _UNPACKED.popitem(last=False)
+    return unpacked
 
 
 def core_attention_spec(backend: str):

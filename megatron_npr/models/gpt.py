@@ -34,7 +34,7 @@ def build_model(config: NPRModelConfig, attention_backend: str | None = None,
     spec = copy.deepcopy(get_gpt_layer_local_spec(qk_layernorm=True, normalization="RMSNorm"))
     spec.submodules.self_attention.submodules.core_attention = core_attention_spec(backend)
     spec.submodules.self_attention.params = {"attn_mask_type": AttnMaskType.arbitrary}
-    return GPTModel(
+    model = GPTModel(
         config=config, transformer_layer_spec=spec, vocab_size=config.vocab_size,
         max_sequence_length=config.max_position_embeddings,
         pre_process=ps.is_pipeline_first_stage() if pre_process is None else pre_process,
@@ -42,6 +42,9 @@ def build_model(config: NPRModelConfig, attention_backend: str | None = None,
         share_embeddings_and_output_weights=config.tie_word_embeddings,
         position_embedding_type="mrope", rotary_base=config.rotary_base, parallel_output=True,
     )
+    if torch.cuda.is_available():  # the local spec's torch RMSNorm layers are created on the CPU
+        model.cuda(torch.cuda.current_device())
+    return model
 
 
 def _unwrap(model):

@@ -263,9 +263,10 @@ def _reduce_metrics(outputs: list[dict[str, Tensor]]) -> dict[str, float]:
     if dist.get_world_size() > 1:
         dist.broadcast_object_list(names, src=dist.get_world_size() - 1)
     names = names[0]
-    totals = torch.zeros(len(names), 2, dtype=torch.float64)
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    totals = torch.zeros(len(names), 2, dtype=torch.float64, device=device)  # NCCL reduces GPU tensors only
     for out in outputs:
-        totals += torch.stack([out[name].double() for name in names])
+        totals += torch.stack([out[name].double().to(device) for name in names])
     if dist.get_world_size() > 1:
         dist.all_reduce(totals)
     return {name: (totals[k, 0] / totals[k, 1].clamp(min=1)).item() for k, name in enumerate(names)}
